@@ -1,0 +1,61 @@
+"""Developer and CI tasks. `bash scripts/nox.sh -s tests` runs the whole test suite.
+
+Sessions:
+  tests  Rust tests on SQLite and PostgreSQL, then the wheel built, installed and tested
+         with pytest (services from scripts/services.sh).
+  lint   rustfmt and clippy (warnings are errors), with and without the Python bindings.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def services_env(session: nox.Session) -> dict[str, str]:
+    """PostgreSQL and Redis URLs from scripts/services.sh (given ones or private servers)."""
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "services.sh"), "up"],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    env = {}
+    for line in out.splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    session.log("services: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    return env
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    env = services_env(session)
+    # Rust: unit tests, then integration tests against both databases.
+    session.run("cargo", "test", "--locked", external=True, env=env)
+    # Python: the wheel exactly as users get it (pip builds it with maturin).
+    session.install(".[test]")
+    session.run("pytest", "-q", *session.posargs, env=env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.run("cargo", "fmt", "--check", external=True)
+    session.run("cargo", "clippy", "--locked", "--all-targets", "--", "-D", "warnings", external=True)
+    # The bindings are behind a feature; lint them too. PYO3_PYTHON points the build at
+    # this session's interpreter.
+    env = {"PYO3_PYTHON": os.path.join(session.bin, "python")}
+    session.run(
+        "cargo", "clippy", "--locked", "--features", "python", "--lib", "--", "-D", "warnings",
+        external=True, env=env,
+    )

@@ -1,0 +1,37 @@
+"""Type stubs of the Rust extension module."""
+
+from collections.abc import Mapping
+from os import PathLike
+from typing import Any
+
+__version__: str
+
+class WorkflowManagerError(Exception):
+    """Base class of every error raised by the Rust core."""
+
+class ConfigurationError(WorkflowManagerError):
+    """The settings are invalid; the message names the key and where it came from."""
+
+class Settings:
+    """The typed settings of a manager (SPEC §8)."""
+
+    @staticmethod
+    def load(
+        settings_files: list[str | PathLike[str]] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Settings: ...
+    @staticmethod
+    def from_dict(values: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings: ...
+    def as_dict(self) -> dict[str, Any]:
+        """The settings with secrets masked."""
+    def __eq__(self, other: object) -> bool: ...
+
+def dynaconf_values(
+    settings_files: list[str | PathLike[str]] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | PathLike[str] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """The values the Rust Dynaconf loader reads, and the files it read."""
+
+def cli_main(argv: list[str]) -> int:
+    """Runs ``ccat-wfm`` with ``argv`` (program name first); returns the exit code."""

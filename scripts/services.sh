@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Provide PostgreSQL and Redis for the test suite.
+#
+#   eval "$(bash scripts/services.sh up)"   # exports CCAT_TEST_POSTGRES_URL, CCAT_TEST_REDIS_URL
+#   bash scripts/services.sh down           # stops whatever `up` started
+#
+# URLs already set in the environment are checked and used as given; otherwise
+# private throw-away servers are started on free ports, with state (data, logs,
+# ports, pids) in ${CCAT_TEST_SERVICES_DIR:-$PWD/.services}.
+# Only the export lines go to stdout, so `eval` sees nothing else.
+set -euo pipefail
+
+STATE=${CCAT_TEST_SERVICES_DIR:-$PWD/.services}
+TIMEOUT=${CCAT_TEST_SERVICES_TIMEOUT:-30}   # seconds to wait for a server to answer
+PG_DIR=$STATE/pg                             # owned by the postgres user when we are root
+PG_DATA=$PG_DIR/data
+PG_LOG=$PG_DIR/postgres.log
+REDIS_PID=$STATE/redis.pid
+REDIS_LOG=$STATE/redis.log
+
+log() { echo "services.sh: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Newest PostgreSQL server bin dir from the Debian packages (empty if none).
+pg_bin() {
+  local d
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1) || true
+  [[ -n $d && -x $d/initdb ]] && echo "$d" || true
+}
+
+# initdb/postgres refuse to run as root, so run them as the postgres user then.
+as_pg() {
+  # cd / so the postgres user is not left in a directory it may not read.
+  if [[ $(id -u) -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
+}
+
+# Install what is missing: only as root on Debian, otherwise say what to install.
+ensure_installed() {
+  local need_pg=$1 need_redis=$2 pkgs=()
+  [[ $need_pg == 1 && -z $(pg_bin) ]] && pkgs+=(postgresql)
+  [[ $need_redis == 1 ]] && ! command -v redis-server >/dev/null && pkgs+=(redis-server)
+  [[ $need_redis == 1 ]] && ! command -v redis-cli >/dev/null && pkgs+=(redis-tools)
+  [[ ${#pkgs[@]} -eq 0 ]] && return 0
+  if [[ $(id -u) -ne 0 || ! -f /etc/debian_version ]]; then
+    die "missing ${pkgs[*]}; install them (Debian: apt-get install postgresql redis-server)" \
+        "or set CCAT_TEST_POSTGRES_URL / CCAT_TEST_REDIS_URL to existing servers"
+  fi
+  log "installing ${pkgs[*]}"
+  # The postgresql postinst may start a default cluster on 5432; harmless, we don't use it.
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >&2
+}
+
+# First port >= $1 that nothing on 127.0.0.1 accepts connections on.
+free_port() {
+  local p=$1
+  while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do
+    p=$((p + 1))
+    [[ $p -lt $(($1 + 500)) ]] || die "no free port in $1..$p"
+  done
+  echo "$p"
+}
+
+# Poll "$@" until it succeeds or TIMEOUT passes; on failure show the log tail.
+wait_ready() {
+  local what=$1 logfile=$2 deadline=$((SECONDS + TIMEOUT))
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    if [[ $SECONDS -ge $deadline ]]; then
+      log "$what did not answer within ${TIMEOUT}s; last lines of $logfile:"
+      tail -n 30 "$logfile" >&2 || true
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
+pg_ready() { "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$1" -U postgres; }
+redis_ping() { [[ $(redis-cli "$@" ping 2>/dev/null) == PONG ]]; }
+
+# Prints the URL of a running private PostgreSQL, reusing the previous one if alive.
+pg_up() {
+  local bin port
+  bin=$(pg_bin)
+  if [[ -f $STATE/pg.port ]] && port=$(<"$STATE/pg.port") &&
+     as_pg "$bin/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1 && pg_ready "$port"; then
+    log "reusing PostgreSQL on port $port"
+  else
+    # Throw-away instance: anything left over is stale, start from a fresh cluster.
+    [[ -d $PG_DATA ]] && as_pg "$bin/pg_ctl" -D "$PG_DATA" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$PG_DIR"
+    mkdir -p "$PG_DIR"
+    if [[ $(id -u) -eq 0 ]]; then
+      id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+      chown postgres: "$PG_DIR"
+      runuser -u postgres -- test -w "$PG_DIR" ||
+        die "user postgres cannot reach $PG_DIR; set CCAT_TEST_SERVICES_DIR to e.g. /tmp/ccat-services"
+    fi
+    port=$(free_port 55432)
+    log "starting PostgreSQL $(basename "$(dirname "$bin")") on 127.0.0.1:$port (data: $PG_DATA)"
+    as_pg "$bin/initdb" -D "$PG_DATA" -U postgres --auth=trust -E UTF8 --no-locale --no-sync >/dev/null
+    # Durability is pointless for test data; turning it off makes tests much faster.
+    # The socket lives in our dir so we never need /var/run/postgresql.
+    cat >>"$PG_DATA/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$PG_DIR'
+max_connections = 200
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+EOF
+    # pg_ctl's own chatter goes to the log; the server keeps no handle on our stdout.
+    as_pg "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -t "$TIMEOUT" start >>"$PG_LOG.ctl" 2>&1 </dev/null ||
+      { tail -n 30 "$PG_LOG.ctl" "$PG_LOG" >&2 2>/dev/null; die "pg_ctl start failed"; }
+    wait_ready PostgreSQL "$PG_LOG" pg_ready "$port"
+    echo "$port" >"$STATE/pg.port"
+  fi
+  echo "postgres://postgres@127.0.0.1:$port/postgres"
+}
+
+# Prints the URL of a running private Redis, reusing the previous one if alive.
+redis_up() {
+  local port
+  if [[ -f $STATE/redis.port && -f $REDIS_PID ]] && port=$(<"$STATE/redis.port") &&
+     kill -0 "$(<"$REDIS_PID")" 2>/dev/null && redis_ping -p "$port"; then
+    log "reusing Redis on port $port"
+  else
+    port=$(free_port 56379)
+    log "starting Redis on 127.0.0.1:$port"
+    rm -f "$REDIS_PID"
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+      --daemonize yes --dir "$STATE" --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" \
+      </dev/null >/dev/null 2>&1 || die "redis-server failed to start (see $REDIS_LOG)"
+    wait_ready Redis "$REDIS_LOG" redis_ping -p "$port"
+    echo "$port" >"$STATE/redis.port"
+  fi
+  echo "redis://127.0.0.1:$port/0"
+}
+
+cmd_up() {
+  local pg_url=${CCAT_TEST_POSTGRES_URL:-} redis_url=${CCAT_TEST_REDIS_URL:-}
+  # Given URLs still need pg_isready / redis-cli to check them.
+  ensure_installed "$([[ -n $pg_url ]] && command -v pg_isready >/dev/null && echo 0 || echo 1)" 1
+  if [[ -z $pg_url || -z $redis_url ]]; then
+    mkdir -p "$STATE"
+    STATE=$(cd "$STATE" && pwd)   # absolute: servers keep these paths after we exit
+    PG_DIR=$STATE/pg PG_DATA=$STATE/pg/data PG_LOG=$STATE/pg/postgres.log
+    REDIS_PID=$STATE/redis.pid REDIS_LOG=$STATE/redis.log
+  fi
+
+  # SLURM: on a cluster, a section here could place the servers on the job's
+  # node (or reuse site-provided ones) before falling back to local instances.
+
+  if [[ -n $pg_url ]]; then
+    local isready
+    isready=$(command -v pg_isready || echo "$(pg_bin)/pg_isready")
+    "$isready" -q -d "$pg_url" || die "CCAT_TEST_POSTGRES_URL=$pg_url does not answer"
+    log "using given PostgreSQL $pg_url"
+  else
+    pg_url=$(pg_up)
+  fi
+  if [[ -n $redis_url ]]; then
+    redis_ping -u "$redis_url" || die "CCAT_TEST_REDIS_URL=$redis_url does not answer"
+    log "using given Redis $redis_url"
+  else
+    redis_url=$(redis_up)
+  fi
+  printf 'export CCAT_TEST_POSTGRES_URL=%q\n' "$pg_url"
+  printf 'export CCAT_TEST_REDIS_URL=%q\n' "$redis_url"
+}
+
+# Stop only what this script started (known from the state dir), then drop its files.
+cmd_down() {
+  [[ -d $STATE ]] || { log "nothing to stop ($STATE does not exist)"; return 0; }
+  local bin pid
+  bin=$(pg_bin)
+  if [[ -d $PG_DATA && -n $bin ]]; then
+    log "stopping PostgreSQL"
+    as_pg "$bin/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null 2>&1 || true
+  fi
+  if [[ -f $REDIS_PID ]]; then
+    pid=$(<"$REDIS_PID")
+    log "stopping Redis (pid $pid)"
+    # Check the name so a stale pid file never makes us kill an unrelated process.
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == redis-server* ]] && kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  # Remove only our own files, so a mistaken CCAT_TEST_SERVICES_DIR loses nothing else.
+  rm -rf "$PG_DIR"
+  rm -f "$STATE/pg.port" "$STATE/redis.port" "$REDIS_PID" "$REDIS_LOG"
+  rmdir "$STATE" 2>/dev/null || true
+}
+
+case ${1:-} in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  *) echo "usage: $0 up|down   (use as: eval \"\$($0 up)\")" >&2; exit 2 ;;
+esac

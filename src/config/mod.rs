@@ -1,0 +1,428 @@
+//! Configuration: the typed settings of SPEC §8, read the way the data center's Python
+//! services read theirs (Dynaconf, see [`dynaconf`]), with database settings following
+//! ops-db's `CCAT_OPS_DB_*` convention.
+
+pub mod dynaconf;
+mod secret;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub use dynaconf::{DynaconfError, LoadContext};
+pub use secret::Secret;
+
+/// Prefix of ops-db's environment variables, read for the database connection.
+pub const OPS_DB_PREFIX: &str = "CCAT_OPS_DB_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Load(#[from] DynaconfError),
+    #[error("setting {key} (from {origin}): expected {expected}, got {got}")]
+    Invalid {
+        key: String,
+        origin: String,
+        expected: String,
+        got: String,
+    },
+}
+
+/// Where jobs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HpcBackend {
+    Kubernetes,
+    Slurm,
+    Local,
+}
+
+impl HpcBackend {
+    const NAMES: &'static [(&'static str, HpcBackend)] = &[
+        ("kubernetes", HpcBackend::Kubernetes),
+        ("slurm", HpcBackend::Slurm),
+        ("local", HpcBackend::Local),
+    ];
+}
+
+/// The operations database to connect to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum DatabaseSettings {
+    Sqlite {
+        path: PathBuf,
+    },
+    Postgresql {
+        host: String,
+        port: u16,
+        user: String,
+        password: Secret,
+        database: String,
+    },
+}
+
+impl fmt::Display for DatabaseSettings {
+    /// The target without its password, fit for logs and errors.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseSettings::Sqlite { path } => write!(f, "sqlite://{}", path.display()),
+            DatabaseSettings::Postgresql {
+                host,
+                port,
+                user,
+                database,
+                ..
+            } => write!(f, "postgresql://{user}@{host}:{port}/{database}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RedisSettings {
+    pub host: String,
+    pub port: u16,
+    pub password: Secret,
+}
+
+/// Seconds between two cycles of each manager.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PollIntervals {
+    pub trigger_manager: f64,
+    pub workflow_manager: f64,
+    pub result_manager: f64,
+}
+
+impl PollIntervals {
+    pub fn trigger(&self) -> Duration {
+        Duration::from_secs_f64(self.trigger_manager)
+    }
+    pub fn workflow(&self) -> Duration {
+        Duration::from_secs_f64(self.workflow_manager)
+    }
+    pub fn result(&self) -> Duration {
+        Duration::from_secs_f64(self.result_manager)
+    }
+}
+
+/// The effective configuration of a manager process.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Settings {
+    /// The Dynaconf environment(s) that were loaded, e.g. `localdev`.
+    pub env: String,
+    pub hpc_backend: HpcBackend,
+    pub pipeline_base_dir: PathBuf,
+    pub processing_location_id: i64,
+    pub k8s_namespace: String,
+    pub slurm_partition: String,
+    pub sif_cache_dir: PathBuf,
+    pub redis: RedisSettings,
+    pub poll_intervals: PollIntervals,
+    pub database: DatabaseSettings,
+    /// The settings files that were read, in order.
+    pub files: Vec<PathBuf>,
+}
+
+impl Settings {
+    /// Loads settings from the files and environment of this process.
+    pub fn load(settings_files: Option<&[PathBuf]>) -> Result<Settings, ConfigError> {
+        Self::load_with(&LoadContext::from_process(), settings_files)
+    }
+
+    pub fn load_with(
+        ctx: &LoadContext,
+        settings_files: Option<&[PathBuf]>,
+    ) -> Result<Settings, ConfigError> {
+        let loaded = dynaconf::load(ctx, settings_files)?;
+        let mut settings = Self::from_values(&loaded.values, &loaded.origins, ctx)?;
+        settings.files = loaded.files;
+        Ok(settings)
+    }
+
+    /// Builds typed settings from Dynaconf-style values (upper-case top-level keys), for
+    /// example what Python's `settings.as_dict()` returns. `ctx` supplies the `CCAT_OPS_DB_*`
+    /// variables and the environment name.
+    pub fn from_values(
+        values: &Map<String, Value>,
+        origins: &std::collections::BTreeMap<String, String>,
+        ctx: &LoadContext,
+    ) -> Result<Settings, ConfigError> {
+        let r = Reader { values, origins };
+        let redis_port = r.port("REDIS_PORT", 6379)?;
+        Ok(Settings {
+            env: ctx.environments().join(","),
+            hpc_backend: r.choice("HPC_BACKEND", HpcBackend::NAMES, HpcBackend::Local)?,
+            pipeline_base_dir: r.string("PIPELINE_BASE_DIR", "/data/pipelines")?.into(),
+            processing_location_id: r.positive_int("PROCESSING_LOCATION_ID", 1)?,
+            k8s_namespace: r.string("K8S_NAMESPACE", "ccat-workflows")?,
+            slurm_partition: r.string("SLURM_PARTITION", "")?,
+            sif_cache_dir: r.string("SIF_CACHE_DIR", "/data/sif-cache")?.into(),
+            redis: RedisSettings {
+                host: r.string("REDIS_HOST", "localhost")?,
+                port: redis_port,
+                password: Secret::new(r.string("REDIS_PASSWORD", "")?),
+            },
+            poll_intervals: PollIntervals {
+                trigger_manager: r.seconds("TRIGGER_MANAGER_POLL_INTERVAL", 30.0)?,
+                workflow_manager: r.seconds("WORKFLOW_MANAGER_POLL_INTERVAL", 10.0)?,
+                result_manager: r.seconds("RESULT_MANAGER_POLL_INTERVAL", 10.0)?,
+            },
+            database: database_settings(&r, ctx)?,
+            files: Vec::new(),
+        })
+    }
+}
+
+/// Database settings: ops-db's defaults, then `DATABASE_*` keys of our settings files,
+/// then `CCAT_OPS_DB_DATABASE_*` environment variables (parsed as Dynaconf parses them).
+fn database_settings(r: &Reader<'_>, ctx: &LoadContext) -> Result<DatabaseSettings, ConfigError> {
+    let mut values = r.values.clone();
+    let mut origins = r.origins.clone();
+    for (name, raw) in &ctx.env_vars {
+        if let Some(key) = name.strip_prefix(OPS_DB_PREFIX) {
+            let key = key.to_uppercase();
+            if !key.starts_with("DATABASE_") {
+                continue;
+            }
+            let value = dynaconf::parse_env_text(raw).map_err(|message| ConfigError::Invalid {
+                key: key.clone(),
+                origin: format!("environment variable {name}"),
+                expected: "a valid value".into(),
+                got: message,
+            })?;
+            origins.insert(key.clone(), format!("environment variable {name}"));
+            values.insert(key, value);
+        }
+    }
+    let r = Reader {
+        values: &values,
+        origins: &origins,
+    };
+    let kind = r.string("DATABASE_TYPE", "sqlite")?.to_lowercase();
+    match kind.as_str() {
+        "sqlite" => Ok(DatabaseSettings::Sqlite {
+            path: r
+                .string("DATABASE_SQLITE_DATABASE", "/tmp/dev_ccat_ops_db.sqlite")?
+                .into(),
+        }),
+        "postgresql" | "postgres" => Ok(DatabaseSettings::Postgresql {
+            host: r.string("DATABASE_POSTGRESQL_HOST", "localhost")?,
+            port: r.port("DATABASE_POSTGRESQL_PORT", 5432)?,
+            user: r.string("DATABASE_POSTGRESQL_USER", "ccat")?,
+            password: Secret::new(r.string("DATABASE_POSTGRESQL_PASSWORD", "pw4ccat")?),
+            database: r.string("DATABASE_POSTGRESQL_DATABASE", "ccat_ops_db")?,
+        }),
+        other => Err(r.invalid(
+            "DATABASE_TYPE",
+            "sqlite or postgresql",
+            &Value::String(other.into()),
+        )),
+    }
+}
+
+/// Typed access to the loaded values, with errors that name the key and its origin.
+struct Reader<'a> {
+    values: &'a Map<String, Value>,
+    origins: &'a std::collections::BTreeMap<String, String>,
+}
+
+impl Reader<'_> {
+    fn invalid(&self, key: &str, expected: &str, got: &Value) -> ConfigError {
+        let got = if key.contains("PASSWORD") {
+            "a value that is not shown".to_owned()
+        } else {
+            got.to_string()
+        };
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            origin: self
+                .origins
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| "settings".into()),
+            expected: expected.to_owned(),
+            got,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.values.get(key).filter(|v| !v.is_null())
+    }
+
+    fn string(&self, key: &str, default: &str) -> Result<String, ConfigError> {
+        match self.get(key) {
+            None => Ok(default.to_owned()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            // Dynaconf turns `CCAT_..._SLURM_PARTITION=123` into an int; a name is meant.
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(other) => Err(self.invalid(key, "a string", other)),
+        }
+    }
+
+    fn int(&self, key: &str, default: i64) -> Result<i64, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64().expect("checked")),
+            // ops-db's own file writes the port as a string.
+            Some(v @ Value::String(s)) => s
+                .trim()
+                .parse()
+                .map_err(|_| self.invalid(key, "an integer", v)),
+            Some(other) => Err(self.invalid(key, "an integer", other)),
+        }
+    }
+
+    fn positive_int(&self, key: &str, default: i64) -> Result<i64, ConfigError> {
+        let value = self.int(key, default)?;
+        if value < 1 {
+            return Err(self.invalid(key, "a positive integer", &Value::from(value)));
+        }
+        Ok(value)
+    }
+
+    fn port(&self, key: &str, default: u16) -> Result<u16, ConfigError> {
+        let value = self.int(key, i64::from(default))?;
+        u16::try_from(value)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| self.invalid(key, "a port number (1-65535)", &Value::from(value)))
+    }
+
+    fn seconds(&self, key: &str, default: f64) -> Result<f64, ConfigError> {
+        let value = match self.get(key) {
+            None => default,
+            Some(Value::Number(n)) => n.as_f64().unwrap_or(-1.0),
+            Some(other) => return Err(self.invalid(key, "a number of seconds", other)),
+        };
+        if !(value > 0.0 && value.is_finite()) {
+            return Err(self.invalid(key, "a positive number of seconds", &Value::from(value)));
+        }
+        Ok(value)
+    }
+
+    fn choice<T: Copy>(
+        &self,
+        key: &str,
+        names: &[(&str, T)],
+        default: T,
+    ) -> Result<T, ConfigError> {
+        let Some(value) = self.get(key) else {
+            return Ok(default);
+        };
+        let wanted = value.as_str().map(str::to_lowercase);
+        names
+            .iter()
+            .find(|(name, _)| Some(*name) == wanted.as_deref())
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let allowed: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+                self.invalid(key, &format!("one of {}", allowed.join(", ")), value)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn ctx(vars: &[(&str, &str)]) -> LoadContext {
+        LoadContext {
+            env_vars: vars
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            cwd: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_with(&ctx(vars), Some(&[]))
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_setup() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.hpc_backend, HpcBackend::Local);
+        assert_eq!(s.pipeline_base_dir, PathBuf::from("/data/pipelines"));
+        assert_eq!(s.processing_location_id, 1);
+        assert_eq!(s.k8s_namespace, "ccat-workflows");
+        assert_eq!(s.redis.port, 6379);
+        assert_eq!(s.env, "localdev");
+        assert_eq!(
+            s.database,
+            DatabaseSettings::Sqlite {
+                path: "/tmp/dev_ccat_ops_db.sqlite".into()
+            }
+        );
+    }
+
+    #[test]
+    fn ops_db_variables_choose_postgresql() {
+        let s = settings(&[
+            ("CCAT_OPS_DB_DATABASE_TYPE", "postgresql"),
+            ("CCAT_OPS_DB_DATABASE_POSTGRESQL_HOST", "db.example"),
+            ("CCAT_OPS_DB_DATABASE_POSTGRESQL_PORT", "6543"),
+            ("CCAT_OPS_DB_DATABASE_POSTGRESQL_PASSWORD", "hunter2"),
+        ])
+        .unwrap();
+        let DatabaseSettings::Postgresql {
+            host,
+            port,
+            password,
+            ..
+        } = &s.database
+        else {
+            panic!("expected postgresql, got {:?}", s.database);
+        };
+        assert_eq!(
+            (host.as_str(), *port, password.expose()),
+            ("db.example", 6543, "hunter2")
+        );
+        assert_eq!(
+            s.database.to_string(),
+            "postgresql://ccat@db.example:6543/ccat_ops_db"
+        );
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!serde_json::to_string(&s).unwrap().contains("hunter2"));
+    }
+
+    #[test]
+    fn errors_name_the_key_its_origin_and_what_is_allowed() {
+        let err = settings(&[("CCAT_WORKFLOW_MANAGER_HPC_BACKEND", "pbs")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("HPC_BACKEND"), "{err}");
+        assert!(err.contains("CCAT_WORKFLOW_MANAGER_HPC_BACKEND"), "{err}");
+        assert!(err.contains("kubernetes, slurm, local"), "{err}");
+        let err = settings(&[("CCAT_WORKFLOW_MANAGER_REDIS_PORT", "70000")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REDIS_PORT") && err.contains("70000"), "{err}");
+        let err = settings(&[("CCAT_WORKFLOW_MANAGER_RESULT_MANAGER_POLL_INTERVAL", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RESULT_MANAGER_POLL_INTERVAL"), "{err}");
+        let err = settings(&[("CCAT_OPS_DB_DATABASE_TYPE", "mysql")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("DATABASE_TYPE") && err.contains("sqlite or postgresql"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_password_value_is_not_echoed() {
+        let values = Map::from_iter([("REDIS_PASSWORD".to_owned(), serde_json::json!(["s3cret"]))]);
+        let err = Settings::from_values(&values, &BTreeMap::new(), &ctx(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("REDIS_PASSWORD") && !err.contains("s3cret"),
+            "{err}"
+        );
+    }
+}

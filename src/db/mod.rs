@@ -1,0 +1,345 @@
+//! The database layer: connections, migrations, the schema check, and (in submodules)
+//! every SQL statement of the product.
+//!
+//! PostgreSQL and SQLite are both first-class. Statements are written once with `$N`
+//! placeholders, which both drivers accept; where the dialects differ (row locking, JSON
+//! access) a submodule holds one text per dialect. `on_pool!` runs the same query builder
+//! against whichever pool is in use, so each call site is monomorphised for both drivers.
+
+pub mod schema;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+use crate::config::DatabaseSettings;
+
+static PG_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Errors of the database layer. Connection errors name the target, never the password.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot create the SQLite directory {path}: {source}")]
+    SqliteDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("applying migrations to {target} failed: {source}")]
+    Migrate {
+        target: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("{what} failed: {source}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl DbError {
+    /// Wraps a query error with what the query was for.
+    pub fn query(what: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
+        move |source| DbError::Query { what, source }
+    }
+}
+
+/// Which SQL dialect a [`Database`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+/// A connection pool to the operations database.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool, for either database.
+macro_rules! on_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Database::Postgres($pool) => $body,
+            $crate::db::Database::Sqlite($pool) => $body,
+        }
+    };
+}
+
+impl Database {
+    /// Opens a pool. A SQLite file (and its directory) is created when missing.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, DbError> {
+        let target = settings.to_string();
+        match settings {
+            DatabaseSettings::Sqlite { path } => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|source| DbError::SqliteDir {
+                        path: dir.display().to_string(),
+                        source,
+                    })?;
+                }
+                let options = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .foreign_keys(true)
+                    // WAL lets the managers read while one of them writes.
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(30));
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .connect_with(options)
+                    .await
+                    .map_err(|source| DbError::Connect { target, source })?;
+                Ok(Database::Sqlite(pool))
+            }
+            DatabaseSettings::Postgresql {
+                host,
+                port,
+                user,
+                password,
+                database,
+            } => {
+                let mut options = PgConnectOptions::new()
+                    .host(host)
+                    .port(*port)
+                    .username(user)
+                    .database(database)
+                    .application_name("ccat-workflow-manager");
+                if !password.expose().is_empty() {
+                    options = options.password(password.expose());
+                }
+                let pool = PgPoolOptions::new()
+                    .max_connections(10)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect_with(options)
+                    .await
+                    .map_err(|source| DbError::Connect { target, source })?;
+                Ok(Database::Postgres(pool))
+            }
+        }
+    }
+
+    /// Opens a pool from a URL (`postgres://…` or `sqlite://…`); used by tests and tools.
+    pub async fn connect_url(url: &str) -> Result<Self, DbError> {
+        let target = redact_url(url);
+        let connect = |source| DbError::Connect {
+            target: target.clone(),
+            source,
+        };
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(connect)?
+                .create_if_missing(true)
+                .foreign_keys(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(30));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(options)
+                .await
+                .map_err(connect)?;
+            Ok(Database::Sqlite(pool))
+        } else {
+            let options = PgConnectOptions::from_str(url).map_err(connect)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(10)
+                .connect_with(options)
+                .await
+                .map_err(connect)?;
+            Ok(Database::Postgres(pool))
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Database::Postgres(_) => Dialect::Postgres,
+            Database::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+
+    /// Applies every migration of this dialect that the database has not seen yet.
+    /// Returns the versions applied by this call.
+    pub async fn migrate(&self) -> Result<Vec<i64>, DbError> {
+        let before = self.applied_migrations().await?;
+        let result = match self {
+            Database::Postgres(pool) => PG_MIGRATOR.run(pool).await,
+            Database::Sqlite(pool) => SQLITE_MIGRATOR.run(pool).await,
+        };
+        result.map_err(|source| DbError::Migrate {
+            target: self.describe(),
+            source,
+        })?;
+        let after = self.applied_migrations().await?;
+        Ok(after.difference(&before).copied().collect())
+    }
+
+    /// Versions recorded in sqlx's migration table (empty when it does not exist yet).
+    async fn applied_migrations(&self) -> Result<BTreeSet<i64>, DbError> {
+        let columns = self.columns().await?;
+        if !columns.contains_key("_sqlx_migrations") {
+            return Ok(BTreeSet::new());
+        }
+        let versions: Vec<i64> = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(pool)
+                .await
+        })
+        .map_err(DbError::query("reading applied migrations"))?;
+        Ok(versions.into_iter().collect())
+    }
+
+    /// Every table of the current schema with its columns.
+    pub async fn columns(&self) -> Result<BTreeMap<String, BTreeSet<String>>, DbError> {
+        let rows: Vec<(String, String)> =
+            match self {
+                Database::Postgres(pool) => sqlx::query_as(
+                    "SELECT table_name::text, column_name::text FROM information_schema.columns \
+                     WHERE table_schema = current_schema()",
+                )
+                .fetch_all(pool)
+                .await,
+                Database::Sqlite(pool) => {
+                    sqlx::query_as(
+                        "SELECT m.name, p.name FROM sqlite_master AS m \
+                     JOIN pragma_table_info(m.name) AS p WHERE m.type = 'table'",
+                    )
+                    .fetch_all(pool)
+                    .await
+                }
+            }
+            .map_err(DbError::query("listing the schema's columns"))?;
+        let mut tables: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (table, column) in rows {
+            tables.entry(table).or_default().insert(column);
+        }
+        Ok(tables)
+    }
+
+    /// Compares the database with [`schema::TABLES`]: what the product needs and lacks.
+    pub async fn check(&self) -> Result<SchemaReport, DbError> {
+        let present = self.columns().await?;
+        Ok(SchemaReport::compare(schema::TABLES, &present))
+    }
+
+    /// A description of the target for messages: kind and location, no secrets.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Postgres(pool) => {
+                let o = pool.connect_options();
+                format!(
+                    "postgresql://{}@{}:{}/{}",
+                    o.get_username(),
+                    o.get_host(),
+                    o.get_port(),
+                    o.get_database().unwrap_or("")
+                )
+            }
+            Database::Sqlite(pool) => {
+                format!(
+                    "sqlite://{}",
+                    pool.connect_options().get_filename().display()
+                )
+            }
+        }
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, pool => pool.close().await)
+    }
+}
+
+/// What `db check` found missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SchemaReport {
+    pub missing_tables: Vec<String>,
+    /// `(table, column)` for tables that exist but lack a column.
+    pub missing_columns: Vec<(String, String)>,
+}
+
+impl SchemaReport {
+    pub fn compare(needed: &[schema::Table], present: &BTreeMap<String, BTreeSet<String>>) -> Self {
+        let mut report = SchemaReport::default();
+        for table in needed {
+            match present.get(table.name) {
+                None => report.missing_tables.push(table.name.to_owned()),
+                Some(columns) => report.missing_columns.extend(
+                    table
+                        .columns
+                        .iter()
+                        .filter(|c| !columns.contains(**c))
+                        .map(|c| (table.name.to_owned(), (*c).to_owned())),
+                ),
+            }
+        }
+        report
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.missing_tables.is_empty() && self.missing_columns.is_empty()
+    }
+}
+
+/// Drops the password from a database URL before it is shown anywhere.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // Only the authority (before the first '/') can hold credentials.
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_from_urls() {
+        assert_eq!(
+            redact_url("postgres://wm:s3cr%40t@db:5432/ops"),
+            "postgres://wm@db:5432/ops"
+        );
+        assert_eq!(redact_url("postgres://wm@db/ops"), "postgres://wm@db/ops");
+        assert_eq!(redact_url("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+    }
+
+    #[test]
+    fn report_names_missing_tables_and_columns() {
+        let needed = [
+            schema::Table {
+                name: "a",
+                columns: &["id", "x"],
+            },
+            schema::Table {
+                name: "b",
+                columns: &["id"],
+            },
+        ];
+        let present = BTreeMap::from([("a".to_owned(), BTreeSet::from(["id".to_owned()]))]);
+        let report = SchemaReport::compare(&needed, &present);
+        assert_eq!(report.missing_tables, vec!["b"]);
+        assert_eq!(report.missing_columns, vec![("a".into(), "x".into())]);
+        assert!(!report.is_complete());
+    }
+}

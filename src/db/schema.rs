@@ -1,0 +1,236 @@
+//! The catalogue of every table and column the product reads or writes.
+//!
+//! Table and column names follow ops-db. This list is what `ccat-wfm db check` compares a
+//! database against, so an ops-db schema that renames something shows up here first; a
+//! test keeps it equal to what `migrations/` creates.
+
+/// One table and the columns the product needs from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    pub name: &'static str,
+    pub columns: &'static [&'static str],
+}
+
+/// Every table of the schema, in creation order.
+pub const TABLES: &[Table] = &[
+    Table {
+        name: "instrument",
+        columns: &["id", "name", "description"],
+    },
+    Table {
+        name: "instrument_module",
+        columns: &["id", "name", "instrument_id"],
+    },
+    Table {
+        name: "source",
+        columns: &["id", "name", "ra_deg", "dec_deg"],
+    },
+    Table {
+        name: "line",
+        columns: &["id", "name", "rest_frequency_ghz"],
+    },
+    Table {
+        name: "obs_unit",
+        columns: &["id", "name", "source_id", "line_id"],
+    },
+    Table {
+        name: "executed_obs_unit",
+        columns: &["id", "obs_unit_id", "start_time", "end_time"],
+    },
+    Table {
+        name: "raw_data_package",
+        columns: &[
+            "id",
+            "name",
+            "executed_obs_unit_id",
+            "instrument_module_id",
+            "state",
+            "relative_path",
+            "size_bytes",
+            "checksum",
+            "metadata",
+            "created_at",
+            "updated_at",
+        ],
+    },
+    Table {
+        name: "data_location",
+        columns: &["id", "name", "location_type", "base_path", "active"],
+    },
+    Table {
+        name: "data_grouping",
+        columns: &[
+            "id",
+            "name",
+            "description",
+            "filter_rules",
+            "instrument_module_id",
+            "created_at",
+            "updated_at",
+        ],
+    },
+    Table {
+        name: "pipeline",
+        columns: &[
+            "id",
+            "name",
+            "description",
+            "data_grouping_id",
+            "processing_location_id",
+            "trigger_type",
+            "trigger_config",
+            "enabled",
+            "priority",
+            "max_active_runs",
+            "created_by_user_id",
+            "created_at",
+            "updated_at",
+        ],
+    },
+    Table {
+        name: "reduction_software",
+        columns: &["id", "name", "description", "repository_url"],
+    },
+    Table {
+        name: "reduction_software_version",
+        columns: &[
+            "id",
+            "reduction_software_id",
+            "version",
+            "image_ref",
+            "image_digest",
+            "command",
+            "default_cpu",
+            "default_memory_gb",
+            "default_time_hours",
+            "deprecated",
+            "created_at",
+        ],
+    },
+    Table {
+        name: "reduction_step",
+        columns: &[
+            "id",
+            "pipeline_id",
+            "name",
+            "step_order",
+            "reduction_software_id",
+            "reduction_software_version_id",
+            "version_policy",
+            "group_by",
+            "cooldown_seconds",
+            "max_retries",
+            "cpu",
+            "memory_gb",
+            "time_hours",
+            "created_at",
+            "updated_at",
+        ],
+    },
+    Table {
+        name: "reduction_step_dependency",
+        columns: &["reduction_step_id", "depends_on_step_id"],
+    },
+    Table {
+        name: "reduction_step_config",
+        columns: &["id", "reduction_step_id", "parameters", "updated_at"],
+    },
+    Table {
+        name: "executed_reduction_step",
+        columns: &[
+            "id",
+            "reduction_step_id",
+            "sub_group_key",
+            "sub_group",
+            "fingerprint",
+            "status",
+            "reduction_software_version_id",
+            "config_snapshot",
+            "excluded_upstream",
+            "hpc_backend",
+            "hpc_job_id",
+            "retry_count",
+            "max_retries",
+            "next_attempt_at",
+            "lease_owner",
+            "lease_expires_at",
+            "exit_code",
+            "wall_time_seconds",
+            "cpu_hours",
+            "peak_memory_gb",
+            "error_message",
+            "log_tail",
+            "created_at",
+            "updated_at",
+            "submitted_at",
+            "started_at",
+            "finished_at",
+        ],
+    },
+    Table {
+        name: "executed_reduction_step_raw_input",
+        columns: &["executed_reduction_step_id", "raw_data_package_id"],
+    },
+    Table {
+        name: "data_product",
+        columns: &[
+            "id",
+            "executed_reduction_step_id",
+            "name",
+            "product_type",
+            "relative_path",
+            "size_bytes",
+            "checksum",
+            "checksum_algorithm",
+            "quality_metrics",
+            "created_at",
+        ],
+    },
+    Table {
+        name: "executed_reduction_step_product_input",
+        columns: &["executed_reduction_step_id", "data_product_id"],
+    },
+    Table {
+        name: "physical_copy",
+        columns: &[
+            "id",
+            "data_location_id",
+            "raw_data_package_id",
+            "data_product_id",
+            "full_path",
+            "status",
+            "created_at",
+        ],
+    },
+    Table {
+        name: "staging_job",
+        columns: &[
+            "id",
+            "destination_data_location_id",
+            "executed_reduction_step_id",
+            "status",
+            "failure_error_message",
+            "created_at",
+            "updated_at",
+        ],
+    },
+    Table {
+        name: "staging_job_raw_data_package",
+        columns: &["staging_job_id", "raw_data_package_id"],
+    },
+    Table {
+        name: "trigger_request",
+        columns: &[
+            "id",
+            "pipeline_id",
+            "reduction_step_id",
+            "sub_group_key",
+            "force",
+            "requested_by",
+            "status",
+            "message",
+            "created_at",
+            "processed_at",
+        ],
+    },
+];

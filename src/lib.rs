@@ -1,0 +1,15 @@
+//! CCAT Workflow Manager: the science-pipeline orchestrator of the CCAT Data Center.
+//!
+//! The crate is at once a library (this), the `ccat-wfm` command line ([`cli`]) and,
+//! with the `python` feature, the extension module `ccat_workflow_manager._core`.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod logging;
+
+#[cfg(feature = "python")]
+mod python;
+
+/// The product version, as `ccat-wfm --version` and the Python package report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,159 @@
+//! The `ccat-wfm` binary as an operator uses it.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::TestDatabase;
+
+fn wfm(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ccat-wfm"));
+    cmd.args(args).env_remove("RUST_LOG");
+    // Keep the developer's own settings out of the test.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CCAT_WORKFLOW_MANAGER_")
+            || key.starts_with("CCAT_OPS_DB_")
+            || key.ends_with("_FOR_DYNACONF")
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.current_dir(std::env::temp_dir());
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run ccat-wfm")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn every_command_has_help_and_version_works() {
+    for args in [
+        vec!["--help"],
+        vec!["db", "--help"],
+        vec!["db", "migrate", "--help"],
+        vec!["db", "check", "--help"],
+        vec!["config", "--help"],
+        vec!["config", "show", "--help"],
+    ] {
+        let out = wfm(&args, &[]);
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            stdout(&out).contains("Usage: ccat-wfm"),
+            "{args:?}: {}",
+            stdout(&out)
+        );
+    }
+    let out = wfm(&["--version"], &[]);
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("ccat-wfm {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn unknown_commands_do_not_pretend_to_succeed() {
+    let out = wfm(&["trigger-manager-that-does-not-exist"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn migrate_then_check_on_both_databases_and_a_missing_column_fails() {
+    for t in TestDatabase::both("cli").await {
+        let out = wfm(&["db", "migrate", "--database-url", &t.url], &[]);
+        assert!(out.status.success(), "{}: {:?}", t.url, out);
+        assert!(
+            stdout(&out).contains("applied migration(s) 1"),
+            "{}",
+            stdout(&out)
+        );
+        let out = wfm(&["db", "check", "--database-url", &t.url], &[]);
+        assert!(out.status.success(), "{}: {:?}", t.url, out);
+
+        common::exec(&t.db, "ALTER TABLE pipeline DROP COLUMN description")
+            .await
+            .unwrap();
+        let out = wfm(&["db", "check", "--database-url", &t.url], &[]);
+        assert_eq!(out.status.code(), Some(1), "{}", t.url);
+        assert!(
+            stdout(&out).contains("missing column pipeline.description"),
+            "{}",
+            stdout(&out)
+        );
+        let out = wfm(&["db", "check", "--json", "--database-url", &t.url], &[]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            report["missing_columns"],
+            serde_json::json!([["pipeline", "description"]])
+        );
+    }
+}
+
+#[test]
+fn configured_sqlite_database_is_created_and_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/ops.sqlite");
+    let env = [(
+        "CCAT_OPS_DB_DATABASE_SQLITE_DATABASE",
+        path.to_str().unwrap(),
+    )];
+    assert!(wfm(&["db", "migrate"], &env).status.success());
+    assert!(path.exists());
+    let out = wfm(&["db", "check"], &env);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn config_show_masks_secrets_and_reports_the_settings_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("settings.toml");
+    std::fs::write(
+        &file,
+        "[default]\nhpc_backend = \"slurm\"\n[localdev]\nredis_password = \"redis-secret\"\n",
+    )
+    .unwrap();
+    let env = [
+        ("CCAT_OPS_DB_DATABASE_TYPE", "postgresql"),
+        ("CCAT_OPS_DB_DATABASE_POSTGRESQL_PASSWORD", "db-secret"),
+    ];
+    let out = wfm(
+        &["--settings", file.to_str().unwrap(), "config", "show"],
+        &env,
+    );
+    let text = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("hpc_backend") && text.contains("slurm"),
+        "{text}"
+    );
+    assert!(text.contains("********"), "{text}");
+    assert!(
+        !text.contains("redis-secret") && !text.contains("db-secret"),
+        "{text}"
+    );
+    let out = wfm(
+        &[
+            "--settings",
+            file.to_str().unwrap(),
+            "config",
+            "show",
+            "--json",
+        ],
+        &env,
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["database"]["type"], "postgresql");
+    assert_eq!(json["redis"]["password"], "********");
+}
+
+#[test]
+fn invalid_settings_are_named_and_exit_2() {
+    let out = wfm(
+        &["config", "show"],
+        &[("CCAT_WORKFLOW_MANAGER_PROCESSING_LOCATION_ID", "zero")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("PROCESSING_LOCATION_ID"), "{err}");
+}

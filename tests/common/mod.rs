@@ -1,0 +1,172 @@
+//! Test support: a fresh database per test, on SQLite and on PostgreSQL.
+//!
+//! PostgreSQL comes from `CCAT_TEST_POSTGRES_URL` (a role that may create databases);
+//! `scripts/services.sh` provides one, and `nox -s tests` sets it. Without it the
+//! PostgreSQL half of a test fails with a message saying so: it is never skipped.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use ccat_workflow_manager::db::Database;
+use sqlx::Connection;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("CCAT_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "CCAT_TEST_POSTGRES_URL is not set: run the tests with `nox -s tests`, or \
+             `eval \"$(bash scripts/services.sh up)\"` first"
+        )
+    })
+}
+
+/// A unique, valid database name for this test.
+fn unique_name(label: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let label: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(30)
+        .collect();
+    format!(
+        "wfm_{label}_{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Replaces the database of a `postgres://` URL.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{root}/{database}?{q}"),
+        None => format!("{root}/{database}"),
+    }
+}
+
+/// A database that exists for one test and is removed afterwards.
+pub struct TestDatabase {
+    pub db: Database,
+    pub url: String,
+    cleanup: Cleanup,
+    _dir: Option<tempfile::TempDir>,
+}
+
+enum Cleanup {
+    Nothing,
+    DropPostgres { admin_url: String, name: String },
+}
+
+impl TestDatabase {
+    pub async fn sqlite(label: &str) -> TestDatabase {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!(
+            "sqlite://{}",
+            dir.path()
+                .join(format!("{}.db", unique_name(label)))
+                .display()
+        );
+        let db = Database::connect_url(&url).await.expect("open sqlite");
+        TestDatabase {
+            db,
+            url,
+            cleanup: Cleanup::Nothing,
+            _dir: Some(dir),
+        }
+    }
+
+    pub async fn postgres(label: &str) -> TestDatabase {
+        let admin_url = postgres_admin_url();
+        let name = unique_name(label);
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("connect to the test PostgreSQL");
+        // The name is generated above from [a-z0-9_] only.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        let db = Database::connect_url(&url)
+            .await
+            .expect("open test database");
+        TestDatabase {
+            db,
+            url,
+            cleanup: Cleanup::DropPostgres { admin_url, name },
+            _dir: None,
+        }
+    }
+
+    /// Both kinds, SQLite first: the body of a test runs once on each.
+    pub async fn both(label: &str) -> Vec<TestDatabase> {
+        vec![Self::sqlite(label).await, Self::postgres(label).await]
+    }
+
+    /// Same, with the product's migrations applied.
+    pub async fn both_migrated(label: &str) -> Vec<TestDatabase> {
+        let dbs = Self::both(label).await;
+        for t in &dbs {
+            t.db.migrate().await.expect("migrate");
+        }
+        dbs
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Cleanup::DropPostgres { admin_url, name } = &self.cleanup {
+            let (admin_url, name) = (admin_url.clone(), name.clone());
+            // Drop runs inside the test's (blocked) runtime, so a separate thread with its
+            // own runtime does the work; FORCE ends the pool's connections, which belong
+            // to the test's runtime and cannot be closed from here.
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        )))
+                        .execute(&mut admin)
+                        .await;
+                    }
+                });
+            })
+            .join()
+            .ok();
+        }
+    }
+}
+
+/// Runs a test's own SQL text (schema surgery, fixtures) on either database.
+pub async fn exec(db: &Database, sql: &str) -> Result<(), sqlx::Error> {
+    // Test-authored SQL only; product SQL lives in the db module.
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    match db {
+        Database::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        Database::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+    }
+}
