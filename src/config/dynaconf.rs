@@ -164,14 +164,14 @@ fn settings_files(ctx: &LoadContext, explicit: Option<&[PathBuf]>) -> Vec<PathBu
 /// `SETTINGS_FILE_FOR_DYNACONF` holds a comma list or a TOML list.
 fn parse_file_list(list: &str) -> Vec<PathBuf> {
     let trimmed = list.trim();
-    if trimmed.starts_with('[') {
-        if let Ok(Value::Array(items)) = parse_toml_value(trimmed) {
-            return items
-                .iter()
-                .filter_map(Value::as_str)
-                .map(PathBuf::from)
-                .collect();
-        }
+    if trimmed.starts_with('[')
+        && let Ok(Value::Array(items)) = parse_toml_value(trimmed)
+    {
+        return items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(PathBuf::from)
+            .collect();
     }
     trimmed
         .split(',')
@@ -397,10 +397,10 @@ fn convert_toml_strings(value: Value, key: &str, origin: &str) -> Result<Parsed,
         message,
     };
     // A top-level cast string can also delete or merge.
-    if let Value::String(s) = &value {
-        if let Some(parsed) = apply_cast(s).map_err(err)? {
-            return Ok(parsed);
-        }
+    if let Value::String(s) = &value
+        && let Some(parsed) = apply_cast(s).map_err(err)?
+    {
+        return Ok(parsed);
     }
     walk(value).map(Parsed::Set).map_err(err)
 }
@@ -475,10 +475,10 @@ fn delete_path(values: &mut Map<String, Value>, top: &str, rest: &[&str]) {
                 .map(|(_, v)| v)
         });
     }
-    if let Some(map) = slot.and_then(Value::as_object_mut) {
-        if let Some(key) = map.keys().find(|k| k.eq_ignore_ascii_case(last)).cloned() {
-            map.remove(&key);
-        }
+    if let Some(map) = slot.and_then(Value::as_object_mut)
+        && let Some(key) = map.keys().find(|k| k.eq_ignore_ascii_case(last)).cloned()
+    {
+        map.remove(&key);
     }
 }
 
