@@ -546,7 +546,7 @@ fn toml_to_json(value: &toml::Value) -> Value {
             .map(Value::Number)
             .unwrap_or_else(|| Value::String(f.to_string())),
         toml::Value::Boolean(b) => Value::Bool(*b),
-        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Datetime(d) => Value::String(python_isoformat(d)),
         toml::Value::Array(items) => Value::Array(items.iter().map(toml_to_json).collect()),
         toml::Value::Table(t) => Value::Object(
             t.iter()
@@ -554,6 +554,44 @@ fn toml_to_json(value: &toml::Value) -> Value {
                 .collect(),
         ),
     }
+}
+
+/// A TOML date-time as Python's `isoformat()` writes the value tomllib makes of it, so
+/// both loaders hand the same text on: `+00:00` for `Z`, microseconds as 6 digits or none.
+fn python_isoformat(d: &toml::value::Datetime) -> String {
+    use toml::value::Offset;
+    let mut out = String::new();
+    if let Some(date) = &d.date {
+        out.push_str(&format!(
+            "{:04}-{:02}-{:02}",
+            date.year, date.month, date.day
+        ));
+    }
+    if let Some(time) = &d.time {
+        if d.date.is_some() {
+            out.push('T');
+        }
+        out.push_str(&format!(
+            "{:02}:{:02}:{:02}",
+            time.hour,
+            time.minute,
+            time.second.unwrap_or(0)
+        ));
+        let micros = time.nanosecond.unwrap_or(0) / 1000;
+        if micros > 0 {
+            out.push_str(&format!(".{micros:06}"));
+        }
+    }
+    match d.offset {
+        Some(Offset::Z) => out.push_str("+00:00"),
+        Some(Offset::Custom { minutes }) => {
+            let sign = if minutes < 0 { '-' } else { '+' };
+            let m = minutes.unsigned_abs();
+            out.push_str(&format!("{sign}{:02}:{:02}", m / 60, m % 60));
+        }
+        None => {}
+    }
+    out
 }
 
 #[cfg(test)]
@@ -683,6 +721,18 @@ mod tests {
         assert_eq!(v["NAME"], json!({"x": 1}));
         assert_eq!(v["LOWERKEY"], "dyn");
         assert!(!v.contains_key("LOWER"));
+    }
+
+    #[test]
+    fn datetimes_read_as_python_writes_them() {
+        let text = "[default]\nz = 1979-05-27T07:32:00Z\noff = 1979-05-27T00:32:00.999999-07:00\n\
+                    local = 1979-05-27T07:32:00\nday = 1979-05-27\nclock = 07:32:00";
+        let v = from_text(text, &[]);
+        assert_eq!(v["Z"], "1979-05-27T07:32:00+00:00");
+        assert_eq!(v["OFF"], "1979-05-27T00:32:00.999999-07:00");
+        assert_eq!(v["LOCAL"], "1979-05-27T07:32:00");
+        assert_eq!(v["DAY"], "1979-05-27");
+        assert_eq!(v["CLOCK"], "07:32:00");
     }
 
     #[test]

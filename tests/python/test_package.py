@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import ccat_workflow_manager
 from ccat_workflow_manager import _core
@@ -17,7 +18,8 @@ def test_version_matches_the_distribution():
 
 
 def test_console_script_runs_the_rust_cli(tmp_path):
-    exe = shutil.which("ccat-wfm")
+    # The script sits beside the interpreter of the environment the package is installed in.
+    exe = shutil.which("ccat-wfm", path=str(Path(sys.executable).parent))
     assert exe, "the ccat-wfm console script is not installed"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     assert "Usage: ccat-wfm" in out.stdout
