@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod filter;
 pub mod logging;
 
 #[cfg(feature = "python")]
