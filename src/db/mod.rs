@@ -6,6 +6,7 @@
 //! access) a submodule holds one text per dialect. `on_pool!` runs the same query builder
 //! against whichever pool is in use, so each call site is monomorphised for both drivers.
 
+pub mod filter_sql;
 pub mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -93,13 +94,7 @@ impl Database {
                         source,
                     })?;
                 }
-                let options = SqliteConnectOptions::new()
-                    .filename(path)
-                    .create_if_missing(true)
-                    .foreign_keys(true)
-                    // WAL lets the managers read while one of them writes.
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .busy_timeout(Duration::from_secs(30));
+                let options = sqlite_options(SqliteConnectOptions::new().filename(path));
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
                     .connect_with(options)
@@ -142,12 +137,7 @@ impl Database {
             source,
         };
         if url.starts_with("sqlite:") {
-            let options = SqliteConnectOptions::from_str(url)
-                .map_err(connect)?
-                .create_if_missing(true)
-                .foreign_keys(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(30));
+            let options = sqlite_options(SqliteConnectOptions::from_str(url).map_err(connect)?);
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .connect_with(options)
@@ -261,6 +251,18 @@ impl Database {
     pub async fn close(&self) {
         on_pool!(self, pool => pool.close().await)
     }
+}
+
+/// The connection settings every SQLite connection of the product uses.
+fn sqlite_options(options: SqliteConnectOptions) -> SqliteConnectOptions {
+    options
+        .create_if_missing(true)
+        .foreign_keys(true)
+        // WAL lets the managers read while one of them writes.
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(30))
+        // LIKE is case-sensitive on PostgreSQL; make SQLite agree.
+        .pragma("case_sensitive_like", "ON")
 }
 
 /// What `db check` found missing.

@@ -1,0 +1,490 @@
+//! SQL for the filter engine: validated rules and `group_by` dimensions rendered into one
+//! query rooted at `raw_data_package`, for PostgreSQL or SQLite.
+//!
+//! The join registry below is the only place that knows how a filterable table reaches
+//! the root; a rule or dimension that needs a table adds its join path, each join once.
+//! Identifiers come from the registries only; every rule value is a bound parameter.
+
+use sqlx::Row;
+
+use super::{Database, DbError, Dialect};
+use crate::filter::{ColumnKind, Dimension, FilterTable, FilterValue, Operand, Operator, Rule};
+
+/// How a table joins towards the root: its alias, the table it hangs off, the join text.
+struct Join {
+    table: FilterTable,
+    alias: &'static str,
+    parent: Option<FilterTable>,
+    clause: &'static str,
+}
+
+/// The join paths from `raw_data_package` (alias `rdp`) to every filterable table.
+const JOINS: &[Join] = &[
+    Join {
+        table: FilterTable::RawDataPackage,
+        alias: "rdp",
+        parent: None,
+        clause: "",
+    },
+    Join {
+        table: FilterTable::ExecutedObsUnit,
+        alias: "eou",
+        parent: Some(FilterTable::RawDataPackage),
+        clause: "JOIN executed_obs_unit eou ON eou.id = rdp.executed_obs_unit_id",
+    },
+    Join {
+        table: FilterTable::ObsUnit,
+        alias: "ou",
+        parent: Some(FilterTable::ExecutedObsUnit),
+        clause: "JOIN obs_unit ou ON ou.id = eou.obs_unit_id",
+    },
+    Join {
+        table: FilterTable::Source,
+        alias: "src",
+        parent: Some(FilterTable::ObsUnit),
+        clause: "JOIN source src ON src.id = ou.source_id",
+    },
+    Join {
+        table: FilterTable::Line,
+        alias: "ln",
+        parent: Some(FilterTable::ObsUnit),
+        // An obs unit need not have a line.
+        clause: "LEFT JOIN line ln ON ln.id = ou.line_id",
+    },
+    Join {
+        table: FilterTable::InstrumentModule,
+        alias: "im",
+        parent: Some(FilterTable::RawDataPackage),
+        clause: "JOIN instrument_module im ON im.id = rdp.instrument_module_id",
+    },
+    Join {
+        table: FilterTable::Instrument,
+        alias: "ins",
+        parent: Some(FilterTable::InstrumentModule),
+        clause: "JOIN instrument ins ON ins.id = im.instrument_id",
+    },
+];
+
+fn join(table: FilterTable) -> &'static Join {
+    JOINS
+        .iter()
+        .find(|j| j.table == table)
+        .expect("every table has a join path")
+}
+
+/// The tables a dimension needs and its value as SQL text.
+fn dimension_sql(dim: Dimension, dialect: Dialect) -> (FilterTable, &'static str) {
+    match (dim, dialect) {
+        (Dimension::ExecutedObsUnit, _) => (
+            FilterTable::RawDataPackage,
+            "CAST(rdp.executed_obs_unit_id AS TEXT)",
+        ),
+        (Dimension::ObsUnit, _) => (FilterTable::ObsUnit, "ou.name"),
+        (Dimension::Source, _) => (FilterTable::Source, "src.name"),
+        (Dimension::Line, _) => (FilterTable::Line, "COALESCE(ln.name, '')"),
+        // Module names are unique per instrument only.
+        (Dimension::InstrumentModule, _) => (FilterTable::Instrument, "ins.name || '-' || im.name"),
+        (Dimension::Instrument, _) => (FilterTable::Instrument, "ins.name"),
+        (Dimension::Night, Dialect::Postgres) => (
+            FilterTable::ExecutedObsUnit,
+            "to_char(eou.start_time AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        ),
+        (Dimension::Night, Dialect::Sqlite) => (
+            FilterTable::ExecutedObsUnit,
+            "strftime('%Y-%m-%d', eou.start_time)",
+        ),
+    }
+}
+
+/// What to select: the rules of a data grouping, its optional instrument-module scope,
+/// and the dimensions of a step.
+#[derive(Debug, Clone, Default)]
+pub struct Selection<'a> {
+    pub rules: &'a [Rule],
+    pub instrument_module_id: Option<i64>,
+    pub group_by: &'a [Dimension],
+    /// Only packages in state ARCHIVED (what processing can use).
+    pub only_archived: bool,
+}
+
+/// One matching package with its dimension values in `group_by` order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageRow {
+    pub id: i64,
+    pub dimensions: Vec<String>,
+}
+
+/// A value bound to a placeholder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bind {
+    Text(String),
+    Int(i64),
+    Float(f64),
+    TextArray(Vec<String>),
+    Timestamp(chrono::DateTime<chrono::Utc>),
+}
+
+/// A rendered query and its parameters, in placeholder order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderedQuery {
+    pub sql: String,
+    pub binds: Vec<Bind>,
+}
+
+struct Renderer {
+    dialect: Dialect,
+    binds: Vec<Bind>,
+}
+
+impl Renderer {
+    fn bind(&mut self, value: Bind) -> String {
+        self.binds.push(value);
+        format!("${}", self.binds.len())
+    }
+
+    fn rule(&mut self, rule: &Rule) -> String {
+        let column = format!("{}.{}", join(rule.table).alias, rule.column);
+        if rule.kind == ColumnKind::Json {
+            return self.json_rule(&column, rule);
+        }
+        let sql_op = comparison(rule.operator);
+        match (&rule.operand, self.dialect) {
+            (Operand::One(value), dialect) => {
+                let placeholder = self.bind(plain_bind(value));
+                match (rule.kind, dialect) {
+                    // SQLite stores timestamps as text: compare them as instants.
+                    (ColumnKind::Timestamp, Dialect::Sqlite) => {
+                        format!("julianday({column}) {sql_op} julianday({placeholder})")
+                    }
+                    _ => format!("{column} {sql_op} {placeholder}"),
+                }
+            }
+            (Operand::List(values), Dialect::Postgres) => {
+                let list = self.bind(Bind::Text(json_list(values)));
+                let cast = match rule.kind {
+                    ColumnKind::Text => "text",
+                    ColumnKind::Integer => "bigint",
+                    ColumnKind::Float => "double precision",
+                    ColumnKind::Timestamp => "timestamptz",
+                    ColumnKind::Json => unreachable!("handled above"),
+                };
+                format!(
+                    "{column} {sql_op} (SELECT CAST(value AS {cast}) FROM jsonb_array_elements_text({list}::jsonb))"
+                )
+            }
+            (Operand::List(values), Dialect::Sqlite) => {
+                let list = self.bind(Bind::Text(json_list(values)));
+                if rule.kind == ColumnKind::Timestamp {
+                    format!(
+                        "julianday({column}) {sql_op} (SELECT julianday(value) FROM json_each({list}))"
+                    )
+                } else {
+                    format!("{column} {sql_op} (SELECT value FROM json_each({list}))")
+                }
+            }
+        }
+    }
+
+    /// A comparison with a value inside a JSON column. Only values of the rule value's
+    /// JSON type match, so that both databases agree (they order mixed types differently).
+    fn json_rule(&mut self, column: &str, rule: &Rule) -> String {
+        let sql_op = comparison(rule.operator);
+        match self.dialect {
+            Dialect::Postgres => {
+                let path = self.bind(Bind::TextArray(rule.json_path.clone()));
+                match &rule.operand {
+                    Operand::One(FilterValue::Text(pattern)) if rule.operator == Operator::Like => {
+                        let pattern = self.bind(Bind::Text(pattern.clone()));
+                        format!("({column} #>> {path}::text[]) LIKE {pattern}")
+                    }
+                    Operand::One(value) => {
+                        let json = json_value(value);
+                        let kind = pg_json_type(&json);
+                        let value = self.bind(Bind::Text(json.to_string()));
+                        format!(
+                            "(jsonb_typeof({column} #> {path}::text[]) = '{kind}' \
+                             AND ({column} #> {path}::text[]) {sql_op} {value}::jsonb)"
+                        )
+                    }
+                    Operand::List(values) => {
+                        let list = self.bind(Bind::Text(json_list(values)));
+                        format!(
+                            "({column} #> {path}::text[]) {sql_op} (SELECT value FROM jsonb_array_elements({list}::jsonb))"
+                        )
+                    }
+                }
+            }
+            Dialect::Sqlite => {
+                let quoted: Vec<String> =
+                    rule.json_path.iter().map(|s| format!("\"{s}\"")).collect();
+                let path = self.bind(Bind::Text(format!("$.{}", quoted.join("."))));
+                let extract = format!("json_extract({column}, {path})");
+                match &rule.operand {
+                    Operand::One(FilterValue::Text(pattern)) if rule.operator == Operator::Like => {
+                        let pattern = self.bind(Bind::Text(pattern.clone()));
+                        format!(
+                            "(json_type({column}, {path}) = 'text' AND {extract} LIKE {pattern})"
+                        )
+                    }
+                    Operand::One(value) => {
+                        let json = json_value(value);
+                        let types = sqlite_json_types(&json);
+                        let bind = match &json {
+                            serde_json::Value::Bool(b) => Bind::Int(i64::from(*b)),
+                            serde_json::Value::Number(n) => match n.as_i64() {
+                                Some(i) => Bind::Int(i),
+                                None => Bind::Float(n.as_f64().unwrap_or(f64::NAN)),
+                            },
+                            other => Bind::Text(other.as_str().unwrap_or_default().to_owned()),
+                        };
+                        let value = self.bind(bind);
+                        format!(
+                            "(json_type({column}, {path}) IN ({types}) AND {extract} {sql_op} {value})"
+                        )
+                    }
+                    Operand::List(values) => {
+                        let list = self.bind(Bind::Text(json_list(values)));
+                        format!("{extract} {sql_op} (SELECT value FROM json_each({list}))")
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn comparison(op: Operator) -> &'static str {
+    match op {
+        Operator::Eq => "=",
+        Operator::Neq => "<>",
+        Operator::In => "IN",
+        Operator::NotIn => "NOT IN",
+        Operator::Gt => ">",
+        Operator::Gte => ">=",
+        Operator::Lt => "<",
+        Operator::Lte => "<=",
+        Operator::Like => "LIKE",
+    }
+}
+
+fn plain_bind(value: &FilterValue) -> Bind {
+    match value {
+        FilterValue::Text(s) => Bind::Text(s.clone()),
+        FilterValue::Integer(i) => Bind::Int(*i),
+        FilterValue::Float(f) => Bind::Float(*f),
+        FilterValue::Timestamp(t) => Bind::Timestamp(*t),
+        FilterValue::Json(v) => Bind::Text(v.to_string()),
+    }
+}
+
+fn json_value(value: &FilterValue) -> serde_json::Value {
+    match value {
+        FilterValue::Text(s) => s.clone().into(),
+        FilterValue::Integer(i) => (*i).into(),
+        FilterValue::Float(f) => {
+            serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
+        }
+        FilterValue::Timestamp(t) => t.to_rfc3339().into(),
+        FilterValue::Json(v) => v.clone(),
+    }
+}
+
+fn json_list(values: &[FilterValue]) -> String {
+    serde_json::Value::Array(values.iter().map(json_value).collect()).to_string()
+}
+
+fn pg_json_type(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        _ => "string",
+    }
+}
+
+fn sqlite_json_types(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Bool(_) => "'true', 'false'",
+        serde_json::Value::Number(_) => "'integer', 'real'",
+        _ => "'text'",
+    }
+}
+
+/// Renders the query for a selection: `SELECT rdp.id, <dimension values…>`, ordered by id.
+pub fn render(selection: &Selection<'_>, dialect: Dialect) -> RenderedQuery {
+    let mut r = Renderer {
+        dialect,
+        binds: Vec::new(),
+    };
+    let mut needed: Vec<FilterTable> = Vec::new();
+    let mut columns = vec!["rdp.id".to_owned()];
+    for dim in selection.group_by {
+        let (table, expr) = dimension_sql(*dim, dialect);
+        needed.push(table);
+        columns.push(expr.to_owned());
+    }
+    let mut conditions = Vec::new();
+    if selection.only_archived {
+        conditions.push("rdp.state = 'ARCHIVED'".to_owned());
+    }
+    if let Some(id) = selection.instrument_module_id {
+        let p = r.bind(Bind::Int(id));
+        conditions.push(format!("rdp.instrument_module_id = {p}"));
+    }
+    for rule in selection.rules {
+        needed.push(rule.table);
+        conditions.push(r.rule(rule));
+    }
+
+    // Each needed table brings its whole path to the root; every join appears once, in
+    // registry order (parents come before children there).
+    let mut with_parents = Vec::new();
+    for table in needed {
+        let mut current = Some(table);
+        while let Some(t) = current {
+            with_parents.push(t);
+            current = join(t).parent;
+        }
+    }
+    let joins: Vec<&str> = JOINS
+        .iter()
+        .filter(|j| j.parent.is_some() && with_parents.contains(&j.table))
+        .map(|j| j.clause)
+        .collect();
+
+    let mut sql = format!("SELECT {} FROM raw_data_package rdp", columns.join(", "));
+    for clause in joins {
+        sql.push(' ');
+        sql.push_str(clause);
+    }
+    if !conditions.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conditions.join(" AND "));
+    }
+    sql.push_str(" ORDER BY rdp.id");
+    RenderedQuery {
+        sql,
+        binds: r.binds,
+    }
+}
+
+impl Database {
+    /// The packages matching a selection, with their dimension values.
+    pub async fn select_packages(
+        &self,
+        selection: &Selection<'_>,
+    ) -> Result<Vec<PackageRow>, DbError> {
+        let rendered = render(selection, self.dialect());
+        let width = selection.group_by.len();
+        // The text is built from registry identifiers and placeholders only.
+        let sql = sqlx::AssertSqlSafe(rendered.sql);
+        let what = DbError::query("selecting packages");
+        match self {
+            Database::Postgres(pool) => {
+                let mut q = sqlx::query(sql);
+                for b in rendered.binds {
+                    q = match b {
+                        Bind::Text(s) => q.bind(s),
+                        Bind::Int(i) => q.bind(i),
+                        Bind::Float(f) => q.bind(f),
+                        Bind::Timestamp(t) => q.bind(t),
+                        Bind::TextArray(a) => q.bind(a),
+                    };
+                }
+                let rows = q.fetch_all(pool).await.map_err(what)?;
+                rows.iter().map(|row| package_row(row, width)).collect()
+            }
+            Database::Sqlite(pool) => {
+                let mut q = sqlx::query(sql);
+                for b in rendered.binds {
+                    q = match b {
+                        Bind::Text(s) => q.bind(s),
+                        Bind::Int(i) => q.bind(i),
+                        Bind::Float(f) => q.bind(f),
+                        // Text SQLite's date functions read, in UTC.
+                        Bind::Timestamp(t) => {
+                            q.bind(t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string())
+                        }
+                        Bind::TextArray(_) => {
+                            unreachable!("the SQLite renderer writes JSON paths as text")
+                        }
+                    };
+                }
+                let rows = q.fetch_all(pool).await.map_err(what)?;
+                rows.iter().map(|row| package_row(row, width)).collect()
+            }
+        }
+    }
+}
+
+fn package_row<R: Row>(row: &R, width: usize) -> Result<PackageRow, DbError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    usize: sqlx::ColumnIndex<R>,
+{
+    let decode = DbError::query("reading a selected package");
+    let id: i64 = row.try_get(0).map_err(decode)?;
+    let mut dimensions = Vec::with_capacity(width);
+    for i in 1..=width {
+        let value: Option<String> = row
+            .try_get(i)
+            .map_err(DbError::query("reading a dimension value"))?;
+        dimensions.push(value.unwrap_or_default());
+    }
+    Ok(PackageRow { id, dimensions })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::parse_rules;
+    use serde_json::json;
+
+    #[test]
+    fn joins_each_table_once_with_its_path() {
+        let rules = parse_rules(&json!([
+            {"table": "Source", "column": "name", "operator": "eq", "value": "NGC253"},
+            {"table": "ObsUnit", "column": "name", "operator": "like", "value": "scan%"},
+        ]))
+        .unwrap();
+        let sel = Selection {
+            rules: &rules,
+            group_by: &[Dimension::Night, Dimension::Source],
+            ..Default::default()
+        };
+        let q = render(&sel, Dialect::Postgres);
+        assert_eq!(
+            q.sql.matches("JOIN executed_obs_unit").count(),
+            1,
+            "{}",
+            q.sql
+        );
+        assert_eq!(q.sql.matches("JOIN obs_unit").count(), 1, "{}", q.sql);
+        assert_eq!(q.sql.matches("JOIN source").count(), 1, "{}", q.sql);
+        assert!(!q.sql.contains("instrument"), "{}", q.sql);
+        assert_eq!(
+            q.binds,
+            vec![Bind::Text("NGC253".into()), Bind::Text("scan%".into())]
+        );
+    }
+
+    #[test]
+    fn values_never_reach_the_sql_text() {
+        let hostile = "x'; DROP TABLE raw_data_package; --";
+        let rules = parse_rules(&json!([
+            {"table": "Source", "column": "name", "operator": "eq", "value": hostile},
+            {"table": "Source", "column": "name", "operator": "in", "value": [hostile]},
+            {"table": "RawDataPackage", "column": "metadata", "json_path": "a.b", "operator": "eq", "value": hostile},
+        ]))
+        .unwrap();
+        for dialect in [Dialect::Postgres, Dialect::Sqlite] {
+            let q = render(
+                &Selection {
+                    rules: &rules,
+                    ..Default::default()
+                },
+                dialect,
+            );
+            assert!(!q.sql.contains("DROP"), "{}", q.sql);
+        }
+    }
+}
