@@ -12,6 +12,8 @@ use serde_json::Value;
 use crate::config::Settings;
 use crate::db::Database;
 use crate::logging::{self, LogFormat};
+use crate::trigger::{self, TriggerOptions};
+use chrono::Utc;
 
 /// Exit code of a command that ran but found a problem (e.g. `db check`).
 const EXIT_PROBLEM: u8 = 1;
@@ -66,6 +68,41 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Show the runs the trigger-manager would create now, creating nothing.
+    Gaps {
+        /// Only this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Print the gaps as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
+    /// Run the trigger-manager: find gaps and create runs, every poll interval.
+    TriggerManager {
+        /// Run one cycle, print what it did, and exit.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
+    /// Ask the trigger-manager to evaluate a pipeline now (MANUAL pipelines, forced runs).
+    Trigger {
+        /// The pipeline's name.
+        pipeline: String,
+        /// Only this step.
+        #[arg(long)]
+        step: Option<String>,
+        /// Only this sub-group key (as shown by `gaps`).
+        #[arg(long)]
+        sub_group: Option<String>,
+        /// Create runs even where the current fingerprint already has one.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        db: DatabaseArg,
     },
 }
 
@@ -160,6 +197,50 @@ where
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
     match command {
+        Command::Gaps { pipeline, json, db } => {
+            let db = open_database(&settings, &db).await?;
+            let code = gaps(&settings, &db, pipeline, json).await;
+            db.close().await;
+            code
+        }
+        Command::TriggerManager { once, db } => {
+            let db = open_database(&settings, &db).await?;
+            let code = trigger_manager(&settings, &db, once).await;
+            db.close().await;
+            code
+        }
+        Command::Trigger {
+            pipeline,
+            step,
+            sub_group,
+            force,
+            db,
+        } => {
+            let db = open_database(&settings, &db).await?;
+            let Some(pipeline_id) = db.pipeline_id_by_name(&pipeline).await? else {
+                eprintln!("error: no pipeline named {pipeline:?}");
+                return Ok(EXIT_USAGE);
+            };
+            let step_id = match &step {
+                None => None,
+                Some(name) => match db.step_id_by_name(pipeline_id, name).await? {
+                    Some(id) => Some(id),
+                    None => {
+                        eprintln!("error: pipeline {pipeline:?} has no step named {name:?}");
+                        return Ok(EXIT_USAGE);
+                    }
+                },
+            };
+            let who = std::env::var("USER").unwrap_or_else(|_| "ccat-wfm".into());
+            let id = db
+                .request_trigger(pipeline_id, step_id, sub_group.as_deref(), force, &who)
+                .await?;
+            println!(
+                "trigger request {id} recorded; the trigger-manager handles it in its next cycle"
+            );
+            db.close().await;
+            Ok(0)
+        }
         Command::Config {
             command: ConfigCommand::Show { json },
         } => {
@@ -218,6 +299,173 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             })
         }
     }
+}
+
+fn trigger_options(
+    settings: &Settings,
+    dry_run: bool,
+    only_pipeline: Option<String>,
+) -> TriggerOptions {
+    TriggerOptions {
+        processing_location_id: settings.processing_location_id,
+        max_new_runs_per_pipeline: settings.max_new_runs_per_cycle,
+        dry_run,
+        only_pipeline,
+    }
+}
+
+async fn gaps(
+    settings: &Settings,
+    db: &Database,
+    pipeline: Option<String>,
+    json: bool,
+) -> anyhow::Result<u8> {
+    if let Some(name) = &pipeline
+        && db.pipeline_id_by_name(name).await?.is_none()
+    {
+        eprintln!("error: no pipeline named {name:?}");
+        return Ok(EXIT_USAGE);
+    }
+    let report =
+        trigger::run_cycle(db, &trigger_options(settings, true, pipeline), Utc::now()).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let rows: Vec<Vec<String>> = report
+            .pipelines
+            .iter()
+            .flat_map(|p| &p.gaps)
+            .map(|g| {
+                vec![
+                    g.pipeline.clone(),
+                    g.step.clone(),
+                    g.sub_group_key.clone(),
+                    format!("{:?}", g.reason).to_lowercase(),
+                    g.inputs.to_string(),
+                    g.software_version.clone(),
+                    g.cooldown_until
+                        .map_or_else(String::new, |t| t.to_rfc3339()),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render_table(
+                &[
+                    "PIPELINE",
+                    "STEP",
+                    "SUB-GROUP",
+                    "REASON",
+                    "INPUTS",
+                    "VERSION",
+                    "COOLDOWN UNTIL"
+                ],
+                &rows
+            )
+        );
+        println!("{} gap(s)", rows.len());
+        for p in &report.pipelines {
+            for note in &p.skipped_steps {
+                println!("note: pipeline {}: {note}", p.pipeline);
+            }
+        }
+    }
+    for error in &report.errors {
+        eprintln!("error: {error}");
+    }
+    Ok(if report.errors.is_empty() {
+        0
+    } else {
+        EXIT_PROBLEM
+    })
+}
+
+async fn trigger_manager(settings: &Settings, db: &Database, once: bool) -> anyhow::Result<u8> {
+    let options = trigger_options(settings, false, None);
+    if once {
+        let report = trigger::run_cycle(db, &options, Utc::now()).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(if report.errors.is_empty() {
+            0
+        } else {
+            EXIT_PROBLEM
+        });
+    }
+    let mut shutdown = Shutdown::new()?;
+    tracing::info!(
+        interval_s = settings.poll_intervals.trigger_manager,
+        "trigger-manager started"
+    );
+    loop {
+        let started = std::time::Instant::now();
+        match trigger::run_cycle(db, &options, Utc::now()).await {
+            Ok(report) => tracing::info!(
+                pipelines = report.pipelines.len(),
+                runs_created = report.created(),
+                errors = report.errors.len(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                "trigger cycle done"
+            ),
+            // The database may come back: log and try again next cycle.
+            Err(e) => tracing::error!(error = %e, "trigger cycle failed"),
+        }
+        if shutdown.sleep(settings.poll_intervals.trigger()).await {
+            tracing::info!("trigger-manager stopping");
+            return Ok(0);
+        }
+    }
+}
+
+/// SIGINT / SIGTERM, registered once so that a signal during a cycle is not lost: the
+/// cycle finishes, then the loop ends.
+struct Shutdown {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Shutdown {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    /// Sleeps for `duration`; true when a shutdown signal came first.
+    async fn sleep(&mut self, duration: std::time::Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => false,
+            _ = self.interrupt.recv() => true,
+            _ = self.terminate.recv() => true,
+        }
+    }
+}
+
+/// Renders rows as columns separated by two spaces, under a header.
+fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+        out
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
 }
 
 async fn open_database(settings: &Settings, arg: &DatabaseArg) -> anyhow::Result<Database> {

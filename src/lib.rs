@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod filter;
 pub mod logging;
+pub mod trigger;
 
 #[cfg(feature = "python")]
 mod python;

@@ -36,6 +36,9 @@ fn every_command_has_help_and_version_works() {
         vec!["db", "check", "--help"],
         vec!["config", "--help"],
         vec!["config", "show", "--help"],
+        vec!["gaps", "--help"],
+        vec!["trigger", "--help"],
+        vec!["trigger-manager", "--help"],
     ] {
         let out = wfm(&args, &[]);
         assert!(out.status.success(), "{args:?}");
@@ -64,7 +67,7 @@ async fn migrate_then_check_on_both_databases_and_a_missing_column_fails() {
         let out = wfm(&["db", "migrate", "--database-url", &t.url], &[]);
         assert!(out.status.success(), "{}: {:?}", t.url, out);
         assert!(
-            stdout(&out).contains("applied migration(s) 1"),
+            stdout(&out).contains("applied migration(s) 1, 2"),
             "{}",
             stdout(&out)
         );
@@ -156,4 +159,132 @@ fn invalid_settings_are_named_and_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("PROCESSING_LOCATION_ID"), "{err}");
+}
+
+/// A CONTINUOUS pipeline over the common archive, one per-night step.
+const NIGHTLY: &str = r#"
+INSERT INTO data_location (id, name, location_type) VALUES (1, 'proc', 'PROCESSING');
+INSERT INTO data_grouping (id, name, filter_rules) VALUES (1, 'everything', '[]');
+INSERT INTO reduction_software (id, name) VALUES (1, 'mapper');
+INSERT INTO reduction_software_version (id, reduction_software_id, version, image_ref) VALUES (1, 1, '1.0.0', 'm:1');
+INSERT INTO pipeline (id, name, data_grouping_id, processing_location_id, trigger_type) VALUES (1, 'nightly', 1, 1, 'MANUAL');
+INSERT INTO reduction_step (id, pipeline_id, name, reduction_software_id, reduction_software_version_id, group_by)
+  VALUES (1, 1, 'map', 1, 1, '["night"]');
+"#;
+
+#[tokio::test]
+async fn gaps_trigger_and_trigger_manager_from_the_command_line() {
+    for t in TestDatabase::both_migrated("cli_trigger").await {
+        common::exec(&t.db, common::ARCHIVE).await.unwrap();
+        common::exec(&t.db, NIGHTLY).await.unwrap();
+        common::exec(&t.db, "UPDATE pipeline SET trigger_type = 'CONTINUOUS'")
+            .await
+            .unwrap();
+        let db = ["--database-url", t.url.as_str()];
+
+        let out = wfm(&[&["gaps"][..], &db].concat(), &[]);
+        assert!(out.status.success(), "{out:?}");
+        let text = stdout(&out);
+        assert!(
+            text.contains("night=2026-01-10") && text.contains("3 gap(s)"),
+            "{text}"
+        );
+        let out = wfm(&[&["gaps", "--json"][..], &db].concat(), &[]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["pipelines"][0]["gaps"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            wfm(&[&["gaps", "--pipeline", "nope"][..], &db].concat(), &[])
+                .status
+                .code(),
+            Some(2)
+        );
+
+        let out = wfm(&[&["trigger-manager", "--once"][..], &db].concat(), &[]);
+        assert!(out.status.success(), "{out:?}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["pipelines"][0]["created"], 3, "{report}");
+        let out = wfm(&[&["gaps"][..], &db].concat(), &[]);
+        assert!(stdout(&out).contains("0 gap(s)"), "{}", stdout(&out));
+
+        // MANUAL: a forced request for one night makes one more run.
+        common::exec(&t.db, "UPDATE pipeline SET trigger_type = 'MANUAL'")
+            .await
+            .unwrap();
+        let out = wfm(
+            &[
+                &[
+                    "trigger",
+                    "nightly",
+                    "--step",
+                    "map",
+                    "--sub-group",
+                    "night=2026-01-12",
+                    "--force",
+                ][..],
+                &db,
+            ]
+            .concat(),
+            &[],
+        );
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            wfm(&[&["trigger", "nope"][..], &db].concat(), &[])
+                .status
+                .code(),
+            Some(2)
+        );
+        assert_eq!(
+            wfm(
+                &[&["trigger", "nightly", "--step", "nope"][..], &db].concat(),
+                &[]
+            )
+            .status
+            .code(),
+            Some(2)
+        );
+
+        // The loop handles the request, then stops cleanly on SIGTERM.
+        let child = Command::new(env!("CARGO_BIN_EXE_ccat-wfm"))
+            .args([&["trigger-manager"][..], &db].concat())
+            .env("CCAT_WORKFLOW_MANAGER_TRIGGER_MANAGER_POLL_INTERVAL", "0.2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let runs: i64 = match &t.db {
+                ccat_workflow_manager::db::Database::Postgres(p) => {
+                    sqlx::query_scalar("SELECT COUNT(*) FROM executed_reduction_step")
+                        .fetch_one(p)
+                        .await
+                }
+                ccat_workflow_manager::db::Database::Sqlite(p) => {
+                    sqlx::query_scalar("SELECT COUNT(*) FROM executed_reduction_step")
+                        .fetch_one(p)
+                        .await
+                }
+            }
+            .unwrap();
+            if runs == 4 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the forced run was not created"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("trigger-manager stopping"));
+    }
 }

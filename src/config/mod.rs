@@ -120,6 +120,8 @@ pub struct Settings {
     pub sif_cache_dir: PathBuf,
     pub redis: RedisSettings,
     pub poll_intervals: PollIntervals,
+    /// The most runs the trigger-manager creates per pipeline in one cycle.
+    pub max_new_runs_per_cycle: usize,
     pub database: DatabaseSettings,
     /// The settings files that were read, in order.
     pub files: Vec<PathBuf>,
@@ -169,6 +171,7 @@ impl Settings {
                 workflow_manager: r.seconds("WORKFLOW_MANAGER_POLL_INTERVAL", 10.0)?,
                 result_manager: r.seconds("RESULT_MANAGER_POLL_INTERVAL", 10.0)?,
             },
+            max_new_runs_per_cycle: r.positive_int("MAX_NEW_RUNS_PER_CYCLE", 500)? as usize,
             database: database_settings(&r, ctx)?,
             files: Vec::new(),
         })

@@ -7,6 +7,7 @@
 //! against whichever pool is in use, so each call site is monomorphised for both drivers.
 
 pub mod filter_sql;
+pub mod pipelines;
 pub mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -81,6 +82,7 @@ macro_rules! on_pool {
         }
     };
 }
+pub(crate) use on_pool;
 
 impl Database {
     /// Opens a pool. A SQLite file (and its directory) is created when missing.

@@ -233,4 +233,8 @@ pub const TABLES: &[Table] = &[
             "processed_at",
         ],
     },
+    Table {
+        name: "pipeline_trigger_state",
+        columns: &["pipeline_id", "last_cron_tick", "last_evaluated_at"],
+    },
 ];

@@ -170,3 +170,25 @@ pub async fn exec(db: &Database, sql: &str) -> Result<(), sqlx::Error> {
         Database::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
     }
 }
+
+/// A small archive: CHAI (modules LFA, HFA) and PrimeCam scans of three sources over
+/// four nights; package 6 is still transferring.
+pub const ARCHIVE: &str = r#"
+INSERT INTO instrument (id, name) VALUES (1, 'CHAI'), (2, 'PrimeCam');
+INSERT INTO instrument_module (id, name, instrument_id) VALUES (1, 'LFA', 1), (2, 'HFA', 1), (3, '280GHz', 2);
+INSERT INTO source (id, name) VALUES (1, 'NGC253'), (2, 'M82'), (3, 'Orion/../KL');
+INSERT INTO line (id, name) VALUES (1, 'CO43'), (2, 'CII');
+INSERT INTO obs_unit (id, name, source_id, line_id) VALUES (1, 'ou-ngc', 1, 1), (2, 'ou-m82', 2, 2), (3, 'ou-orion', 3, NULL);
+INSERT INTO executed_obs_unit (id, obs_unit_id, start_time) VALUES
+  (1, 1, '2026-01-10T23:30:00+00:00'),
+  (2, 1, '2026-01-11T01:30:00+02:00'),
+  (3, 2, '2026-01-12T05:00:00+00:00'),
+  (4, 3, '2026-01-13T10:00:00+00:00');
+INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state, size_bytes, metadata) VALUES
+  (1, 'p1', 1, 1, 'ARCHIVED', 10, '{"observation": {"frequency_ghz": 230.5, "mode": "otf"}, "quality": {"ok": true}}'),
+  (2, 'p2', 1, 2, 'ARCHIVED', 20, '{"observation": {"frequency_ghz": 460, "mode": "otf"}}'),
+  (3, 'p3', 2, 1, 'ARCHIVED', 30, '{"observation": {"frequency_ghz": 230.5, "mode": "pointing"}, "quality": {"ok": false}}'),
+  (4, 'p4', 3, 1, 'ARCHIVED', 40, '{"observation": {"frequency_ghz": "unknown"}}'),
+  (5, 'p5', 4, 3, 'ARCHIVED', 50, '{}'),
+  (6, 'p6', 3, 2, 'TRANSFERRING', 60, '{"observation": {"mode": "otf"}}');
+"#;

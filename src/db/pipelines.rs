@@ -1,0 +1,353 @@
+//! Pipeline definitions as the trigger-manager reads them, trigger state and requests,
+//! and run creation.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::types::Json;
+
+use super::{Database, DbError, on_pool};
+
+/// An enabled pipeline with its data grouping.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PipelineRow {
+    pub id: i64,
+    pub name: String,
+    pub priority: i32,
+    pub trigger_type: String,
+    pub trigger_config: Json<Value>,
+    pub data_grouping_id: i64,
+    pub data_grouping_name: String,
+    pub filter_rules: Json<Value>,
+    pub instrument_module_id: Option<i64>,
+    pub last_cron_tick: Option<DateTime<Utc>>,
+}
+
+/// A step with its configuration.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StepRow {
+    pub id: i64,
+    pub pipeline_id: i64,
+    pub name: String,
+    pub step_order: i32,
+    pub reduction_software_id: i64,
+    pub reduction_software_version_id: Option<i64>,
+    pub version_policy: String,
+    pub group_by: Json<Value>,
+    pub cooldown_seconds: i32,
+    pub max_retries: i32,
+    pub parameters: Option<Json<Value>>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SoftwareVersionRow {
+    pub id: i64,
+    pub version: String,
+    pub image_ref: String,
+    pub image_digest: Option<String>,
+    pub deprecated: bool,
+}
+
+/// What is known of a step's existing runs for one sub-group.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RunStamp {
+    pub sub_group_key: String,
+    pub fingerprint: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TriggerRequestRow {
+    pub id: i64,
+    pub pipeline_id: i64,
+    pub reduction_step_id: Option<i64>,
+    pub sub_group_key: Option<String>,
+    pub force: bool,
+}
+
+/// A run to create: PENDING, with its raw-data-package inputs.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub reduction_step_id: i64,
+    pub sub_group_key: String,
+    pub sub_group: Value,
+    pub fingerprint: String,
+    pub reduction_software_version_id: i64,
+    pub config_snapshot: Value,
+    pub max_retries: i32,
+    pub raw_inputs: Vec<i64>,
+}
+
+/// Rows per multi-row INSERT, well under SQLite's bound-parameter limit.
+const INSERT_CHUNK: usize = 1000;
+
+impl Database {
+    /// Enabled pipelines served by a processing location, highest priority first.
+    pub async fn enabled_pipelines(
+        &self,
+        processing_location_id: i64,
+    ) -> Result<Vec<PipelineRow>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT p.id, p.name, p.priority, p.trigger_type, p.trigger_config, p.data_grouping_id, \
+                        g.name AS data_grouping_name, g.filter_rules, g.instrument_module_id, \
+                        s.last_cron_tick \
+                 FROM pipeline p \
+                 JOIN data_grouping g ON g.id = p.data_grouping_id \
+                 LEFT JOIN pipeline_trigger_state s ON s.pipeline_id = p.id \
+                 WHERE p.enabled AND p.processing_location_id = $1 \
+                 ORDER BY p.priority DESC, p.id",
+            )
+            .bind(processing_location_id)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading enabled pipelines"))
+    }
+
+    /// The steps of a pipeline in execution order.
+    pub async fn pipeline_steps(&self, pipeline_id: i64) -> Result<Vec<StepRow>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT s.id, s.pipeline_id, s.name, s.step_order, s.reduction_software_id, \
+                        s.reduction_software_version_id, s.version_policy, s.group_by, \
+                        s.cooldown_seconds, s.max_retries, c.parameters \
+                 FROM reduction_step s \
+                 LEFT JOIN reduction_step_config c ON c.reduction_step_id = s.id \
+                 WHERE s.pipeline_id = $1 \
+                 ORDER BY s.step_order, s.id",
+            )
+            .bind(pipeline_id)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading pipeline steps"))
+    }
+
+    /// `(step, upstream step)` pairs of a pipeline's steps.
+    pub async fn step_dependencies(&self, pipeline_id: i64) -> Result<Vec<(i64, i64)>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT d.reduction_step_id, d.depends_on_step_id \
+                 FROM reduction_step_dependency d \
+                 JOIN reduction_step s ON s.id = d.reduction_step_id \
+                 WHERE s.pipeline_id = $1",
+            )
+            .bind(pipeline_id)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading step dependencies"))
+    }
+
+    pub async fn software_versions(
+        &self,
+        reduction_software_id: i64,
+    ) -> Result<Vec<SoftwareVersionRow>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT id, version, image_ref, image_digest, deprecated \
+                 FROM reduction_software_version WHERE reduction_software_id = $1 ORDER BY id",
+            )
+            .bind(reduction_software_id)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading software versions"))
+    }
+
+    /// Every run of a step: its sub-group, fingerprint and creation time.
+    pub async fn step_run_stamps(&self, reduction_step_id: i64) -> Result<Vec<RunStamp>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT sub_group_key, fingerprint, created_at FROM executed_reduction_step \
+                 WHERE reduction_step_id = $1",
+            )
+            .bind(reduction_step_id)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading a step's runs"))
+    }
+
+    /// Pending manual trigger requests of a pipeline, oldest first.
+    pub async fn pending_trigger_requests(
+        &self,
+        pipeline_id: i64,
+    ) -> Result<Vec<TriggerRequestRow>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT id, pipeline_id, reduction_step_id, sub_group_key, force FROM trigger_request \
+                 WHERE pipeline_id = $1 AND status = 'PENDING' ORDER BY created_at, id",
+            )
+            .bind(pipeline_id)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading trigger requests"))
+    }
+
+    /// Records a manual trigger request; returns its id.
+    pub async fn request_trigger(
+        &self,
+        pipeline_id: i64,
+        reduction_step_id: Option<i64>,
+        sub_group_key: Option<&str>,
+        force: bool,
+        requested_by: &str,
+    ) -> Result<i64, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "INSERT INTO trigger_request (pipeline_id, reduction_step_id, sub_group_key, force, requested_by, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            )
+            .bind(pipeline_id)
+            .bind(reduction_step_id)
+            .bind(sub_group_key)
+            .bind(force)
+            .bind(requested_by)
+            .bind(Utc::now())
+            .fetch_one(pool)
+            .await
+        })
+        .map_err(DbError::query("recording a trigger request"))
+    }
+
+    /// Marks a trigger request handled (`PROCESSED` or `FAILED`) with a message.
+    pub async fn finish_trigger_request(
+        &self,
+        id: i64,
+        failed: bool,
+        message: &str,
+    ) -> Result<(), DbError> {
+        let status = if failed { "FAILED" } else { "PROCESSED" };
+        on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE trigger_request SET status = $2, message = $3, processed_at = $4 \
+                 WHERE id = $1 AND status = 'PENDING'",
+            )
+            .bind(id)
+            .bind(status)
+            .bind(message)
+            .bind(Utc::now())
+            .execute(pool)
+            .await
+            .map(drop)
+        })
+        .map_err(DbError::query("finishing a trigger request"))
+    }
+
+    /// Remembers that a pipeline was evaluated (and for which cron tick).
+    pub async fn record_evaluation(
+        &self,
+        pipeline_id: i64,
+        cron_tick: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+    ) -> Result<(), DbError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "INSERT INTO pipeline_trigger_state (pipeline_id, last_cron_tick, last_evaluated_at) \
+                 VALUES ($1, $2, $3) \
+                 ON CONFLICT (pipeline_id) DO UPDATE SET \
+                   last_cron_tick = COALESCE(excluded.last_cron_tick, pipeline_trigger_state.last_cron_tick), \
+                   last_evaluated_at = excluded.last_evaluated_at",
+            )
+            .bind(pipeline_id)
+            .bind(cron_tick)
+            .bind(at)
+            .execute(pool)
+            .await
+            .map(drop)
+        })
+        .map_err(DbError::query("recording a pipeline evaluation"))
+    }
+
+    /// Creates a PENDING run with its inputs in one transaction. Returns `None` when a run
+    /// with the same (step, sub-group, fingerprint) exists: creation is idempotent, also
+    /// between trigger-managers racing each other.
+    pub async fn create_run(
+        &self,
+        run: &NewRun,
+        now: DateTime<Utc>,
+    ) -> Result<Option<i64>, DbError> {
+        let what = DbError::query("creating a run");
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await.map_err(what)?;
+            let id: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO executed_reduction_step \
+                   (reduction_step_id, sub_group_key, sub_group, fingerprint, status, \
+                    reduction_software_version_id, config_snapshot, max_retries, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7, $8, $8) \
+                 ON CONFLICT (reduction_step_id, sub_group_key, fingerprint) DO NOTHING \
+                 RETURNING id",
+            )
+            .bind(run.reduction_step_id)
+            .bind(&run.sub_group_key)
+            .bind(Json(&run.sub_group))
+            .bind(&run.fingerprint)
+            .bind(run.reduction_software_version_id)
+            .bind(Json(&run.config_snapshot))
+            .bind(run.max_retries)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(DbError::query("creating a run"))?;
+            let Some(id) = id else {
+                return Ok(None);
+            };
+            for chunk in run.raw_inputs.chunks(INSERT_CHUNK) {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO executed_reduction_step_raw_input (executed_reduction_step_id, raw_data_package_id) ",
+                );
+                insert.push_values(chunk, |mut row, package| {
+                    row.push_bind(id).push_bind(*package);
+                });
+                insert
+                    .build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(DbError::query("recording a run's inputs"))?;
+            }
+            tx.commit().await.map_err(DbError::query("committing a new run"))?;
+            Ok(Some(id))
+        })
+    }
+
+    pub async fn pipeline_id_by_name(&self, name: &str) -> Result<Option<i64>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT id FROM pipeline WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(DbError::query("looking up a pipeline"))
+    }
+
+    pub async fn step_id_by_name(
+        &self,
+        pipeline_id: i64,
+        name: &str,
+    ) -> Result<Option<i64>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT id FROM reduction_step WHERE pipeline_id = $1 AND name = $2")
+                .bind(pipeline_id)
+                .bind(name)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(DbError::query("looking up a step"))
+    }
+
+    /// The raw-data-package inputs of a run.
+    pub async fn run_raw_inputs(&self, run_id: i64) -> Result<Vec<i64>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT raw_data_package_id FROM executed_reduction_step_raw_input \
+                 WHERE executed_reduction_step_id = $1 ORDER BY raw_data_package_id",
+            )
+            .bind(run_id)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading a run's inputs"))
+    }
+}

@@ -1,0 +1,389 @@
+//! The trigger-manager on SQLite and PostgreSQL: gaps, reprocessing on change, version
+//! policies, cooldown, CRON and MANUAL triggers, the per-cycle bound, concurrent
+//! trigger-managers, and broken pipelines that do not stop the others.
+
+mod common;
+
+use ccat_workflow_manager::db::Database;
+use ccat_workflow_manager::trigger::{self, CycleReport, GapReason, TriggerOptions};
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use common::TestDatabase;
+
+/// One processing location, CHAI calibration software 1.0.0, 1.1.0 and 2.0.0, and a
+/// CONTINUOUS pipeline `calib` with one per-scan step pinned at 1.0.0 (COMPATIBLE).
+const PIPELINE: &str = r#"
+INSERT INTO data_location (id, name, location_type) VALUES (1, 'proc', 'PROCESSING');
+INSERT INTO data_grouping (id, name, filter_rules) VALUES
+  (1, 'chai', '[{"table": "Instrument", "column": "name", "operator": "eq", "value": "CHAI"}]');
+INSERT INTO reduction_software (id, name) VALUES (1, 'chai-calibration');
+INSERT INTO reduction_software_version (id, reduction_software_id, version, image_ref) VALUES
+  (1, 1, '1.0.0', 'calib:1.0.0'), (2, 1, '1.1.0', 'calib:1.1.0'), (3, 1, '2.0.0', 'calib:2.0.0');
+INSERT INTO pipeline (id, name, data_grouping_id, processing_location_id, trigger_type, priority) VALUES
+  (1, 'calib', 1, 1, 'CONTINUOUS', 10);
+INSERT INTO reduction_step (id, pipeline_id, name, reduction_software_id, reduction_software_version_id,
+                            version_policy, group_by, cooldown_seconds) VALUES
+  (1, 1, 'calibrate', 1, 1, 'COMPATIBLE', '["executed_obs_unit"]', 0);
+INSERT INTO reduction_step_config (reduction_step_id, parameters) VALUES (1, '{"calibration_mode": "hot_cold"}');
+"#;
+
+async fn setup(label: &str) -> Vec<TestDatabase> {
+    let dbs = TestDatabase::both_migrated(label).await;
+    for t in &dbs {
+        common::exec(&t.db, common::ARCHIVE).await.unwrap();
+        common::exec(&t.db, PIPELINE).await.unwrap();
+    }
+    dbs
+}
+
+fn options() -> TriggerOptions {
+    TriggerOptions {
+        processing_location_id: 1,
+        max_new_runs_per_pipeline: 100,
+        dry_run: false,
+        only_pipeline: None,
+    }
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 28, 4, 0, 0).unwrap()
+}
+
+async fn cycle(db: &Database, now: DateTime<Utc>) -> CycleReport {
+    let report = trigger::run_cycle(db, &options(), now).await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    report
+}
+
+fn created_keys(report: &CycleReport) -> Vec<String> {
+    let mut keys: Vec<String> = report
+        .pipelines
+        .iter()
+        .flat_map(|p| &p.gaps)
+        .filter(|g| g.run_id.is_some())
+        .map(|g| g.sub_group_key.clone())
+        .collect();
+    keys.sort();
+    keys
+}
+
+async fn run_count(db: &Database) -> i64 {
+    scalar(db, "SELECT COUNT(*) FROM executed_reduction_step").await
+}
+
+async fn scalar(db: &Database, sql: &'static str) -> i64 {
+    match db {
+        Database::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+        Database::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn gaps_become_runs_once_and_new_data_reopens_only_its_sub_group() {
+    for t in setup("gaps").await {
+        let db = &t.db;
+        // Preview first: nothing is created.
+        let mut preview = options();
+        preview.dry_run = true;
+        let report = trigger::run_cycle(db, &preview, t0()).await.unwrap();
+        assert_eq!(report.pipelines[0].gaps.len(), 3, "{}", t.url);
+        assert_eq!(run_count(db).await, 0, "{}", t.url);
+
+        let report = cycle(db, t0()).await;
+        assert_eq!(
+            created_keys(&report),
+            vec![
+                "executed_obs_unit=1",
+                "executed_obs_unit=2",
+                "executed_obs_unit=3"
+            ],
+            "{}",
+            t.url
+        );
+        assert!(
+            report.pipelines[0]
+                .gaps
+                .iter()
+                .all(|g| g.reason == GapReason::New && g.software_version == "1.1.0")
+        );
+        let first = report.pipelines[0].gaps[0].run_id.unwrap();
+        assert_eq!(
+            db.run_raw_inputs(first).await.unwrap(),
+            vec![1, 2],
+            "{}",
+            t.url
+        );
+
+        // Nothing changed: no gap.
+        let report = cycle(db, t0() + Duration::minutes(1)).await;
+        assert!(
+            report.pipelines[0].gaps.is_empty(),
+            "{}: {:?}",
+            t.url,
+            report.pipelines[0].gaps
+        );
+
+        // A new package of scan 3 arrives: only that sub-group is redone.
+        common::exec(
+            db,
+            "INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state) \
+             VALUES (7, 'p7', 3, 1, 'ARCHIVED')",
+        )
+        .await
+        .unwrap();
+        let report = cycle(db, t0() + Duration::minutes(2)).await;
+        assert_eq!(
+            created_keys(&report),
+            vec!["executed_obs_unit=3"],
+            "{}",
+            t.url
+        );
+        assert_eq!(report.pipelines[0].gaps[0].reason, GapReason::Changed);
+        assert_eq!(run_count(db).await, 4, "{}", t.url);
+    }
+}
+
+#[tokio::test]
+async fn software_and_configuration_changes_reopen_gaps_per_policy() {
+    for t in setup("reprocess").await {
+        let db = &t.db;
+        cycle(db, t0()).await;
+        // 1.2.0 is compatible with the pinned 1.0.0: everything is redone with it.
+        common::exec(
+            db,
+            "INSERT INTO reduction_software_version (id, reduction_software_id, version, image_ref) \
+             VALUES (4, 1, '1.2.0', 'calib:1.2.0')",
+        )
+        .await
+        .unwrap();
+        let report = cycle(db, t0() + Duration::minutes(1)).await;
+        assert_eq!(created_keys(&report).len(), 3, "{}", t.url);
+        assert!(
+            report.pipelines[0]
+                .gaps
+                .iter()
+                .all(|g| g.software_version == "1.2.0")
+        );
+        // Deprecating it falls back to 1.1.0, which already ran: no gap.
+        common::exec(
+            db,
+            "UPDATE reduction_software_version SET deprecated = TRUE WHERE id = 4",
+        )
+        .await
+        .unwrap();
+        assert!(
+            cycle(db, t0() + Duration::minutes(2)).await.pipelines[0]
+                .gaps
+                .is_empty()
+        );
+        // EXACT pins 1.0.0: new gaps with that version.
+        common::exec(db, "UPDATE reduction_step SET version_policy = 'EXACT'")
+            .await
+            .unwrap();
+        let report = cycle(db, t0() + Duration::minutes(3)).await;
+        assert!(
+            report.pipelines[0]
+                .gaps
+                .iter()
+                .all(|g| g.software_version == "1.0.0")
+        );
+        assert_eq!(created_keys(&report).len(), 3, "{}", t.url);
+        // LATEST picks 2.0.0.
+        common::exec(db, "UPDATE reduction_step SET version_policy = 'LATEST'")
+            .await
+            .unwrap();
+        let report = cycle(db, t0() + Duration::minutes(4)).await;
+        assert!(
+            report.pipelines[0]
+                .gaps
+                .iter()
+                .all(|g| g.software_version == "2.0.0")
+        );
+        // A configuration change.
+        common::exec(
+            db,
+            "UPDATE reduction_step_config SET parameters = '{\"calibration_mode\": \"sky\"}'",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            created_keys(&cycle(db, t0() + Duration::minutes(5)).await).len(),
+            3,
+            "{}",
+            t.url
+        );
+        assert_eq!(run_count(db).await, 15, "{}", t.url);
+    }
+}
+
+#[tokio::test]
+async fn cooldown_holds_a_new_run_back() {
+    for t in setup("cooldown").await {
+        let db = &t.db;
+        common::exec(db, "UPDATE reduction_step SET cooldown_seconds = 3600")
+            .await
+            .unwrap();
+        cycle(db, t0()).await;
+        common::exec(
+            db,
+            "INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state) \
+             VALUES (7, 'p7', 3, 1, 'ARCHIVED')",
+        )
+        .await
+        .unwrap();
+        let report = cycle(db, t0() + Duration::minutes(10)).await;
+        let gap = &report.pipelines[0].gaps[0];
+        assert_eq!(
+            gap.cooldown_until,
+            Some(t0() + Duration::hours(1)),
+            "{}",
+            t.url
+        );
+        assert!(gap.run_id.is_none());
+        let report = cycle(db, t0() + Duration::minutes(61)).await;
+        assert_eq!(
+            created_keys(&report),
+            vec!["executed_obs_unit=3"],
+            "{}",
+            t.url
+        );
+    }
+}
+
+#[tokio::test]
+async fn cron_pipelines_fire_once_per_tick_across_restarts() {
+    for t in setup("cron").await {
+        let db = &t.db;
+        common::exec(
+            db,
+            "UPDATE pipeline SET trigger_type = 'CRON', trigger_config = '{\"cron\": \"0 3 * * *\"}'",
+        )
+        .await
+        .unwrap();
+        let report = cycle(db, t0()).await;
+        assert!(report.pipelines[0].evaluated, "{}", t.url);
+        assert_eq!(created_keys(&report).len(), 3);
+        // New data before the next tick waits; a "restarted" manager (a fresh cycle call)
+        // does not evaluate the same tick again.
+        common::exec(
+            db,
+            "INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state) \
+             VALUES (7, 'p7', 3, 1, 'ARCHIVED')",
+        )
+        .await
+        .unwrap();
+        let report = cycle(db, t0() + Duration::hours(5)).await;
+        assert!(!report.pipelines[0].evaluated, "{}", t.url);
+        // The next day's 03:00 tick evaluates it.
+        let report = cycle(db, t0() + Duration::hours(23)).await;
+        assert!(report.pipelines[0].evaluated, "{}", t.url);
+        assert_eq!(
+            created_keys(&report),
+            vec!["executed_obs_unit=3"],
+            "{}",
+            t.url
+        );
+    }
+}
+
+#[tokio::test]
+async fn manual_pipelines_run_on_request_and_force_makes_new_runs() {
+    for t in setup("manual").await {
+        let db = &t.db;
+        common::exec(db, "UPDATE pipeline SET trigger_type = 'MANUAL'")
+            .await
+            .unwrap();
+        assert!(!cycle(db, t0()).await.pipelines[0].evaluated, "{}", t.url);
+        db.request_trigger(1, None, None, false, "test")
+            .await
+            .unwrap();
+        let report = cycle(db, t0()).await;
+        assert_eq!(created_keys(&report).len(), 3, "{}", t.url);
+        assert!(db.pending_trigger_requests(1).await.unwrap().is_empty());
+        // Asked again without force: nothing to do.
+        db.request_trigger(1, None, None, false, "test")
+            .await
+            .unwrap();
+        assert!(created_keys(&cycle(db, t0()).await).is_empty());
+        // Forced for one sub-group of one step: exactly one new run, twice.
+        for _ in 0..2 {
+            db.request_trigger(1, Some(1), Some("executed_obs_unit=2"), true, "test")
+                .await
+                .unwrap();
+            let report = cycle(db, t0()).await;
+            assert_eq!(
+                created_keys(&report),
+                vec!["executed_obs_unit=2"],
+                "{}",
+                t.url
+            );
+            assert_eq!(report.pipelines[0].gaps[0].reason, GapReason::Forced);
+        }
+        assert_eq!(run_count(db).await, 5, "{}", t.url);
+    }
+}
+
+#[tokio::test]
+async fn the_per_cycle_bound_defers_the_rest() {
+    for t in setup("bound").await {
+        let db = &t.db;
+        let mut bounded = options();
+        bounded.max_new_runs_per_pipeline = 2;
+        let report = trigger::run_cycle(db, &bounded, t0()).await.unwrap();
+        assert_eq!(
+            (report.pipelines[0].created, report.pipelines[0].deferred),
+            (2, 1),
+            "{}",
+            t.url
+        );
+        let report = trigger::run_cycle(db, &bounded, t0()).await.unwrap();
+        assert_eq!(report.pipelines[0].created, 1, "{}", t.url);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_trigger_managers_create_no_duplicates() {
+    for t in setup("concurrent").await {
+        let db = &t.db;
+        // Separate pools, as separate processes would have.
+        let other = Database::connect_url(&t.url).await.unwrap();
+        let third = Database::connect_url(&t.url).await.unwrap();
+        let o = options();
+        let (a, b, c) = tokio::join!(
+            trigger::run_cycle(db, &o, t0()),
+            trigger::run_cycle(&other, &o, t0()),
+            trigger::run_cycle(&third, &o, t0()),
+        );
+        let created: usize = [a, b, c].into_iter().map(|r| r.unwrap().created()).sum();
+        assert_eq!(created, 3, "{}", t.url);
+        assert_eq!(run_count(db).await, 3, "{}", t.url);
+        assert_eq!(
+            scalar(db, "SELECT COUNT(*) FROM executed_reduction_step_raw_input").await,
+            4,
+            "{}",
+            t.url
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_broken_pipeline_is_reported_and_the_others_still_run() {
+    for t in setup("broken").await {
+        let db = &t.db;
+        common::exec(
+            db,
+            r#"INSERT INTO data_grouping (id, name, filter_rules) VALUES
+                 (2, 'broken', '[{"table": "Planet", "column": "name", "operator": "eq", "value": "x"}]');
+               INSERT INTO pipeline (id, name, data_grouping_id, processing_location_id, priority) VALUES
+                 (2, 'broken-rules', 2, 1, 99);
+               INSERT INTO pipeline (id, name, data_grouping_id, processing_location_id, trigger_type, trigger_config)
+                 VALUES (3, 'broken-cron', 1, 1, 'CRON', '{"cron": "every day"}');"#,
+        )
+        .await
+        .unwrap();
+        let report = trigger::run_cycle(db, &options(), t0()).await.unwrap();
+        assert_eq!(report.errors.len(), 2, "{}: {:?}", t.url, report.errors);
+        assert!(report.errors[0].contains("broken-rules") && report.errors[0].contains("Planet"));
+        assert!(report.errors[1].contains("broken-cron") && report.errors[1].contains("5 fields"));
+        assert_eq!(report.created(), 3, "{}", t.url);
+    }
+}
