@@ -364,11 +364,6 @@ async fn gaps(
             )
         );
         println!("{} gap(s)", rows.len());
-        for p in &report.pipelines {
-            for note in &p.skipped_steps {
-                println!("note: pipeline {}: {note}", p.pipeline);
-            }
-        }
     }
     for error in &report.errors {
         eprintln!("error: {error}");

@@ -387,3 +387,154 @@ async fn a_broken_pipeline_is_reported_and_the_others_still_run() {
         assert_eq!(report.created(), 3, "{}", t.url);
     }
 }
+
+#[tokio::test]
+async fn downstream_steps_wait_for_upstream_and_leave_out_what_failed_for_good() {
+    for t in setup("dag").await {
+        let db = &t.db;
+        common::exec(
+            db,
+            r#"INSERT INTO reduction_step (id, pipeline_id, name, step_order, reduction_software_id,
+                                           reduction_software_version_id, group_by, cooldown_seconds)
+                 VALUES (2, 1, 'map', 1, 1, 1, '["source"]', 0);
+               INSERT INTO reduction_step_dependency (reduction_step_id, depends_on_step_id) VALUES (2, 1);"#,
+        )
+        .await
+        .unwrap();
+        // Calibration runs are created; the maps wait for them.
+        let report = cycle(db, t0()).await;
+        assert_eq!(report.created(), 3, "{}", t.url);
+        assert!(
+            report.pipelines[0]
+                .gaps
+                .iter()
+                .all(|g| g.step == "calibrate")
+        );
+
+        // Scan 1 (NGC253) completes with products, scan 2 (NGC253) fails for good, scan 3
+        // (M82) fails with a retry left.
+        common::exec(
+            db,
+            r#"UPDATE executed_reduction_step SET status = 'COMPLETED' WHERE sub_group_key = 'executed_obs_unit=1';
+               UPDATE executed_reduction_step SET status = 'FAILED', retry_count = 3, max_retries = 3 WHERE sub_group_key = 'executed_obs_unit=2';
+               UPDATE executed_reduction_step SET status = 'FAILED', retry_count = 0, max_retries = 2 WHERE sub_group_key = 'executed_obs_unit=3';"#,
+        )
+        .await
+        .unwrap();
+        complete_with_products(db, "executed_obs_unit=1").await;
+        let report = cycle(db, t0() + Duration::minutes(1)).await;
+        let maps: Vec<_> = report.pipelines[0]
+            .gaps
+            .iter()
+            .filter(|g| g.step == "map")
+            .collect();
+        assert_eq!(maps.len(), 1, "{}: {maps:?}", t.url);
+        assert_eq!(maps[0].sub_group_key, "source=NGC253");
+        let map_run = maps[0].run_id.unwrap();
+        let first_products = db.run_product_inputs(map_run).await.unwrap();
+        assert_eq!(first_products.len(), 1, "{}: logs are not inputs", t.url);
+        let excluded = excluded_upstream(db, map_run).await;
+        assert_eq!(
+            excluded,
+            serde_json::json!([{"step": "calibrate", "sub_group_key": "executed_obs_unit=2"}]),
+            "{}",
+            t.url
+        );
+
+        // M82's calibration fails for good: its map is never made (no input is left).
+        common::exec(db, "UPDATE executed_reduction_step SET retry_count = 2 WHERE sub_group_key = 'executed_obs_unit=3'")
+            .await
+            .unwrap();
+        let report = cycle(db, t0() + Duration::minutes(2)).await;
+        assert!(
+            report.pipelines[0].gaps.is_empty(),
+            "{}: {:?}",
+            t.url,
+            report.pipelines[0].gaps
+        );
+
+        // A new NGC253 scan: the map waits for its calibration, then is rebuilt with it.
+        common::exec(
+            db,
+            "INSERT INTO executed_obs_unit (id, obs_unit_id, start_time) VALUES (5, 1, '2026-01-14T00:00:00+00:00');
+             INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state)
+               VALUES (8, 'p8', 5, 1, 'ARCHIVED');",
+        )
+        .await
+        .unwrap();
+        let report = cycle(db, t0() + Duration::minutes(3)).await;
+        assert_eq!(
+            created_keys(&report),
+            vec!["executed_obs_unit=5"],
+            "{}: the map waits",
+            t.url
+        );
+        common::exec(db, "UPDATE executed_reduction_step SET status = 'COMPLETED' WHERE sub_group_key = 'executed_obs_unit=5'")
+            .await
+            .unwrap();
+        complete_with_products(db, "executed_obs_unit=5").await;
+        let report = cycle(db, t0() + Duration::minutes(4)).await;
+        assert_eq!(created_keys(&report), vec!["source=NGC253"], "{}", t.url);
+        assert_eq!(report.pipelines[0].gaps[0].reason, GapReason::Changed);
+        let new_map = report.pipelines[0].gaps[0].run_id.unwrap();
+        assert_eq!(
+            db.run_product_inputs(new_map).await.unwrap().len(),
+            2,
+            "{}",
+            t.url
+        );
+    }
+}
+
+/// Registers an intermediate product and a log for the completed run of a sub-group.
+async fn complete_with_products(db: &Database, key: &str) {
+    let sql = format!(
+        "INSERT INTO data_product (executed_reduction_step_id, name, product_type, relative_path, size_bytes, checksum)
+           SELECT id, 'cal.fits', 'INTERMEDIATE', 'cal.fits', 1, 'x' FROM executed_reduction_step WHERE sub_group_key = '{key}';
+         INSERT INTO data_product (executed_reduction_step_id, name, product_type, relative_path, size_bytes, checksum)
+           SELECT id, 'job.log', 'LOG', 'job.log', 1, 'x' FROM executed_reduction_step WHERE sub_group_key = '{key}';"
+    );
+    common::exec(db, &sql).await.unwrap();
+}
+
+async fn excluded_upstream(db: &Database, run: i64) -> serde_json::Value {
+    let text: String = match db {
+        Database::Postgres(p) => {
+            sqlx::query_scalar(
+                "SELECT excluded_upstream::text FROM executed_reduction_step WHERE id = $1",
+            )
+            .bind(run)
+            .fetch_one(p)
+            .await
+        }
+        Database::Sqlite(p) => {
+            sqlx::query_scalar(
+                "SELECT excluded_upstream FROM executed_reduction_step WHERE id = $1",
+            )
+            .bind(run)
+            .fetch_one(p)
+            .await
+        }
+    }
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test]
+async fn a_dependency_on_a_later_step_is_a_definition_error() {
+    for t in setup("dag_order").await {
+        let db = &t.db;
+        common::exec(
+            db,
+            r#"INSERT INTO reduction_step (id, pipeline_id, name, step_order, reduction_software_id,
+                                           reduction_software_version_id, group_by)
+                 VALUES (2, 1, 'early', -1, 1, 1, '[]');
+               INSERT INTO reduction_step_dependency (reduction_step_id, depends_on_step_id) VALUES (2, 1);"#,
+        )
+        .await
+        .unwrap();
+        let report = trigger::run_cycle(db, &options(), t0()).await.unwrap();
+        assert_eq!(report.errors.len(), 1, "{}", t.url);
+        assert!(report.errors[0].contains("early"), "{}", report.errors[0]);
+    }
+}

@@ -47,11 +47,15 @@ pub struct SoftwareVersionRow {
     pub deprecated: bool,
 }
 
-/// What is known of a step's existing runs for one sub-group.
+/// What the trigger-manager needs to know of one existing run of a step.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RunStamp {
+    pub id: i64,
     pub sub_group_key: String,
     pub fingerprint: String,
+    pub status: String,
+    pub retry_count: i32,
+    pub max_retries: i32,
     pub created_at: DateTime<Utc>,
 }
 
@@ -75,6 +79,10 @@ pub struct NewRun {
     pub config_snapshot: Value,
     pub max_retries: i32,
     pub raw_inputs: Vec<i64>,
+    /// Upstream data products (steps with `depends_on`).
+    pub product_inputs: Vec<i64>,
+    /// Upstream sub-groups left out because they failed for good.
+    pub excluded_upstream: Value,
 }
 
 /// Rows per multi-row INSERT, well under SQLite's bound-parameter limit.
@@ -159,8 +167,8 @@ impl Database {
     pub async fn step_run_stamps(&self, reduction_step_id: i64) -> Result<Vec<RunStamp>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
-                "SELECT sub_group_key, fingerprint, created_at FROM executed_reduction_step \
-                 WHERE reduction_step_id = $1",
+                "SELECT id, sub_group_key, fingerprint, status, retry_count, max_retries, created_at \
+                 FROM executed_reduction_step WHERE reduction_step_id = $1",
             )
             .bind(reduction_step_id)
             .fetch_all(pool)
@@ -275,8 +283,9 @@ impl Database {
             let id: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO executed_reduction_step \
                    (reduction_step_id, sub_group_key, sub_group, fingerprint, status, \
-                    reduction_software_version_id, config_snapshot, max_retries, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7, $8, $8) \
+                    reduction_software_version_id, config_snapshot, excluded_upstream, max_retries, \
+                    created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7, $8, $9, $9) \
                  ON CONFLICT (reduction_step_id, sub_group_key, fingerprint) DO NOTHING \
                  RETURNING id",
             )
@@ -286,6 +295,7 @@ impl Database {
             .bind(&run.fingerprint)
             .bind(run.reduction_software_version_id)
             .bind(Json(&run.config_snapshot))
+            .bind(Json(&run.excluded_upstream))
             .bind(run.max_retries)
             .bind(now)
             .fetch_optional(&mut *tx)
@@ -306,6 +316,19 @@ impl Database {
                     .execute(&mut *tx)
                     .await
                     .map_err(DbError::query("recording a run's inputs"))?;
+            }
+            for chunk in run.product_inputs.chunks(INSERT_CHUNK) {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO executed_reduction_step_product_input (executed_reduction_step_id, data_product_id) ",
+                );
+                insert.push_values(chunk, |mut row, product| {
+                    row.push_bind(id).push_bind(*product);
+                });
+                insert
+                    .build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(DbError::query("recording a run's upstream products"))?;
             }
             tx.commit().await.map_err(DbError::query("committing a new run"))?;
             Ok(Some(id))
@@ -335,6 +358,52 @@ impl Database {
                 .await
         })
         .map_err(DbError::query("looking up a step"))
+    }
+
+    /// `(run, product)` pairs of the given runs' products that feed downstream steps
+    /// (every type but LOG), ordered by product id.
+    pub async fn products_of_runs(&self, run_ids: &[i64]) -> Result<Vec<(i64, i64)>, DbError> {
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One bound JSON list rather than one placeholder per id.
+        let ids = serde_json::to_string(run_ids).expect("ids serialise");
+        let what = DbError::query("reading upstream products");
+        match self {
+            Database::Postgres(pool) => sqlx::query_as(
+                "SELECT executed_reduction_step_id, id FROM data_product \
+                 WHERE product_type <> 'LOG' AND executed_reduction_step_id IN \
+                   (SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text($1::jsonb)) \
+                 ORDER BY id",
+            )
+            .bind(ids)
+            .fetch_all(pool)
+            .await
+            .map_err(what),
+            Database::Sqlite(pool) => sqlx::query_as(
+                "SELECT executed_reduction_step_id, id FROM data_product \
+                 WHERE product_type <> 'LOG' AND executed_reduction_step_id IN (SELECT value FROM json_each($1)) \
+                 ORDER BY id",
+            )
+            .bind(ids)
+            .fetch_all(pool)
+            .await
+            .map_err(what),
+        }
+    }
+
+    /// The upstream data-product inputs of a run.
+    pub async fn run_product_inputs(&self, run_id: i64) -> Result<Vec<i64>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT data_product_id FROM executed_reduction_step_product_input \
+                 WHERE executed_reduction_step_id = $1 ORDER BY data_product_id",
+            )
+            .bind(run_id)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading a run's upstream products"))
     }
 
     /// The raw-data-package inputs of a run.

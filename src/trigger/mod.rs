@@ -9,14 +9,14 @@ pub mod cron;
 pub mod fingerprint;
 pub mod version;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::db::filter_sql::Selection;
-use crate::db::pipelines::{NewRun, PipelineRow, StepRow, TriggerRequestRow};
+use crate::db::pipelines::{NewRun, PipelineRow, RunStamp, StepRow, TriggerRequestRow};
 use crate::db::{Database, DbError};
 use crate::filter::{self, SubGroup};
 use fingerprint::{InputRef, SoftwareRef};
@@ -81,8 +81,6 @@ pub struct PipelineReport {
     pub created: usize,
     /// Gaps left for a later cycle by the per-cycle bound.
     pub deferred: usize,
-    /// Steps not evaluated, with the reason.
-    pub skipped_steps: Vec<String>,
 }
 
 /// What a cycle did, over all pipelines.
@@ -192,12 +190,7 @@ async fn evaluate_pipeline(
         ))
     })?;
     let steps = db.pipeline_steps(pipeline.id).await?;
-    let upstream: HashSet<i64> = db
-        .step_dependencies(pipeline.id)
-        .await?
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
+    let dependencies = db.step_dependencies(pipeline.id).await?;
 
     // A scheduled evaluation covers everything; requests add forced or targeted runs.
     let mut passes: Vec<Option<Request<'_>>> = Vec::new();
@@ -212,20 +205,34 @@ async fn evaluate_pipeline(
             .map(|row| Some(Request { row })),
     );
 
+    // Upstream steps of each step, checked to come earlier in step order.
+    let mut upstream_of: HashMap<i64, Vec<i64>> = HashMap::new();
+    for (step_id, upstream_id) in dependencies {
+        upstream_of.entry(step_id).or_default().push(upstream_id);
+    }
+    for step in &steps {
+        for up in upstream_of.get(&step.id).into_iter().flatten() {
+            let up_step = steps.iter().find(|s| s.id == *up);
+            if up_step.is_none_or(|u| (u.step_order, u.id) >= (step.step_order, step.id)) {
+                return Err(definition(format!(
+                    "step {} depends on a step that does not come before it in step_order",
+                    step.name
+                )));
+            }
+        }
+    }
+
     let mut budget = options.max_new_runs_per_pipeline;
     for pass in &passes {
+        let mut states: HashMap<i64, StepState> = HashMap::new();
         for step in &steps {
-            if pass.is_some_and(|r| !r.covers_step(step.id)) {
-                continue;
-            }
-            if upstream.contains(&step.id) {
-                let note = format!("{}: steps with depends_on are not evaluated yet", step.name);
-                if !report.skipped_steps.contains(&note) {
-                    report.skipped_steps.push(note);
-                }
-                continue;
-            }
-            let gaps = step_gaps(db, pipeline, step, &rules, *pass, now)
+            let upstream: Vec<&StepState> = upstream_of
+                .get(&step.id)
+                .into_iter()
+                .flatten()
+                .map(|id| states.get(id).expect("upstream steps are evaluated first"))
+                .collect();
+            let (gaps, state) = evaluate_step(db, pipeline, step, &rules, *pass, &upstream, now)
                 .await
                 .map_err(|e| match e {
                     TriggerError::Definition { message, .. } => {
@@ -233,8 +240,11 @@ async fn evaluate_pipeline(
                     }
                     other => other,
                 })?;
-            for (gap, new_run) in gaps {
-                let mut gap = gap;
+            states.insert(step.id, state);
+            if pass.is_some_and(|r| !r.covers_step(step.id)) {
+                continue;
+            }
+            for (mut gap, new_run) in gaps {
                 if gap.cooldown_until.is_none() && !options.dry_run {
                     if budget == 0 {
                         report.deferred += 1;
@@ -268,15 +278,75 @@ async fn evaluate_pipeline(
     Ok(report)
 }
 
-/// The gaps of one first step (inputs: the raw data packages of each sub-group).
-async fn step_gaps(
+/// Where a sub-group of an evaluated step stands, for the steps downstream of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Its run for the current fingerprint completed.
+    Completed { run_id: i64 },
+    /// Its run is pending, in flight or will be retried, or not created yet.
+    InFlight,
+    /// Its run failed with no retry left, or was cancelled: downstream leaves it out.
+    FailedForGood,
+}
+
+/// One evaluated step, as its downstream steps see it.
+#[derive(Debug, Default)]
+struct StepState {
+    name: String,
+    /// The step's sub-group of every selected package.
+    key_of_package: HashMap<i64, String>,
+    progress: HashMap<String, Progress>,
+    /// The products of its completed runs, by run.
+    products: HashMap<i64, Vec<i64>>,
+}
+
+impl StepState {
+    /// The inputs a downstream sub-group made of `packages` gets from this step: its
+    /// products, whether to wait, and the upstream sub-groups left out.
+    fn inputs_for(
+        &self,
+        packages: &[i64],
+        products: &mut Vec<i64>,
+        excluded: &mut Vec<Value>,
+    ) -> bool {
+        let keys: BTreeSet<&String> = packages
+            .iter()
+            .filter_map(|p| self.key_of_package.get(p))
+            .collect();
+        let mut wait = false;
+        for key in keys {
+            match self
+                .progress
+                .get(key)
+                .copied()
+                .unwrap_or(Progress::InFlight)
+            {
+                Progress::Completed { run_id } => {
+                    products.extend(self.products.get(&run_id).into_iter().flatten().copied());
+                }
+                Progress::InFlight => wait = true,
+                Progress::FailedForGood => {
+                    excluded.push(serde_json::json!({"step": self.name, "sub_group_key": key}));
+                }
+            }
+        }
+        wait
+    }
+}
+
+/// The gaps of one step, and its state for the steps downstream of it. A first step's
+/// inputs are the raw data packages of each sub-group; a step with `depends_on` takes the
+/// products of the completed upstream runs covering the sub-group's packages, waits while
+/// any of them is in flight, and leaves out those that failed for good.
+async fn evaluate_step(
     db: &Database,
     pipeline: &PipelineRow,
     step: &StepRow,
     rules: &[filter::Rule],
     request: Option<Request<'_>>,
+    upstream: &[&StepState],
     now: DateTime<Utc>,
-) -> Result<Vec<(Gap, NewRun)>, TriggerError> {
+) -> Result<(Vec<(Gap, NewRun)>, StepState), TriggerError> {
     let definition = |message: String| TriggerError::Definition {
         pipeline: pipeline.name.clone(),
         message,
@@ -318,14 +388,12 @@ async fn step_gaps(
         groups.entry(sub_group).or_default().push(row.id);
     }
 
-    // Existing fingerprints and the newest creation time per sub-group.
-    let mut history: HashMap<String, (HashSet<String>, DateTime<Utc>)> = HashMap::new();
+    let mut history: HashMap<String, Vec<RunStamp>> = HashMap::new();
     for stamp in db.step_run_stamps(step.id).await? {
-        let entry = history
-            .entry(stamp.sub_group_key)
-            .or_insert_with(|| (HashSet::new(), stamp.created_at));
-        entry.0.insert(stamp.fingerprint);
-        entry.1 = entry.1.max(stamp.created_at);
+        history
+            .entry(stamp.sub_group_key.clone())
+            .or_default()
+            .push(stamp);
     }
 
     let forced_by = request.filter(|r| r.row.force).map(|r| r.row.id);
@@ -336,34 +404,81 @@ async fn step_gaps(
         image_digest: software.image_digest.as_deref(),
     };
     let cooldown = chrono::Duration::seconds(i64::from(step.cooldown_seconds.max(0)));
+    let mut state = StepState {
+        name: step.name.clone(),
+        ..Default::default()
+    };
     let mut gaps = Vec::new();
     for (sub_group, packages) in groups {
         let key = sub_group.key();
+        state
+            .key_of_package
+            .extend(packages.iter().map(|p| (*p, key.clone())));
+
+        let mut products = Vec::new();
+        let mut excluded = Vec::new();
+        let mut wait = false;
+        for up in upstream {
+            wait |= up.inputs_for(&packages, &mut products, &mut excluded);
+        }
+        if wait {
+            state.progress.insert(key, Progress::InFlight);
+            continue;
+        }
+        let inputs: Vec<InputRef> = if upstream.is_empty() {
+            packages
+                .iter()
+                .map(|id| InputRef::RawDataPackage(*id))
+                .collect()
+        } else {
+            products
+                .iter()
+                .map(|id| InputRef::DataProduct(*id))
+                .collect()
+        };
+        if inputs.is_empty() {
+            // Every upstream sub-group failed for good: nothing to process.
+            state.progress.insert(key, Progress::FailedForGood);
+            continue;
+        }
+
+        let fp = fingerprint::fingerprint(&inputs, &software_ref, &config);
+        let runs = history.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let current = runs
+            .iter()
+            .filter(|r| r.fingerprint == fp)
+            .max_by_key(|r| r.id);
+        state.progress.insert(key.clone(), progress_of(current));
+        if let Some(run) = current.filter(|r| r.status == "COMPLETED") {
+            state.products.insert(run.id, Vec::new());
+        }
+
         if request.is_some_and(|r| !r.covers_sub_group(&key)) {
             continue;
         }
-        let inputs: Vec<InputRef> = packages
-            .iter()
-            .map(|id| InputRef::RawDataPackage(*id))
-            .collect();
-        let mut fp_config = config.clone();
-        if let (Some(id), Value::Object(map)) = (forced_by, &mut fp_config) {
-            // A forced run differs from every other run by the request that forced it.
-            map.insert("__forced_by_trigger_request".into(), Value::from(id));
-        }
-        let fp = fingerprint::fingerprint(&inputs, &software_ref, &fp_config);
-        let previous = history.get(&key);
-        if previous.is_some_and(|(fps, _)| fps.contains(&fp)) {
+        // A forced run differs from every other run by the request that forced it.
+        let fp = match forced_by {
+            Some(id) => {
+                let mut salted = config.clone();
+                if let Value::Object(map) = &mut salted {
+                    map.insert("__forced_by_trigger_request".into(), Value::from(id));
+                }
+                fingerprint::fingerprint(&inputs, &software_ref, &salted)
+            }
+            None => fp,
+        };
+        if runs.iter().any(|r| r.fingerprint == fp) {
             continue;
         }
-        let reason = match (forced_by, previous) {
+        let reason = match (forced_by, runs.is_empty()) {
             (Some(_), _) => GapReason::Forced,
-            (None, None) => GapReason::New,
-            (None, Some(_)) => GapReason::Changed,
+            (None, true) => GapReason::New,
+            (None, false) => GapReason::Changed,
         };
-        let cooldown_until = match (reason, previous) {
+        let last_created = runs.iter().map(|r| r.created_at).max();
+        let cooldown_until = match (reason, last_created) {
             (GapReason::Forced, _) | (_, None) => None,
-            (_, Some((_, last))) => Some(*last + cooldown).filter(|until| *until > now),
+            (_, Some(last)) => Some(last + cooldown).filter(|until| *until > now),
         };
         let gap = Gap {
             pipeline: pipeline.name.clone(),
@@ -371,7 +486,7 @@ async fn step_gaps(
             sub_group_key: key.clone(),
             fingerprint: fp.clone(),
             software_version: software.version.clone(),
-            inputs: packages.len(),
+            inputs: inputs.len(),
             reason,
             cooldown_until,
             run_id: None,
@@ -384,9 +499,33 @@ async fn step_gaps(
             reduction_software_version_id: software.id,
             config_snapshot: config.clone(),
             max_retries: step.max_retries,
-            raw_inputs: packages,
+            raw_inputs: if upstream.is_empty() {
+                packages
+            } else {
+                Vec::new()
+            },
+            product_inputs: products,
+            excluded_upstream: Value::Array(excluded),
         };
         gaps.push((gap, run));
     }
-    Ok(gaps)
+
+    // The products of completed runs, for the steps downstream.
+    let completed: Vec<i64> = state.products.keys().copied().collect();
+    for (run_id, product_id) in db.products_of_runs(&completed).await? {
+        state.products.entry(run_id).or_default().push(product_id);
+    }
+    Ok((gaps, state))
+}
+
+fn progress_of(run: Option<&RunStamp>) -> Progress {
+    match run {
+        None => Progress::InFlight,
+        Some(r) if r.status == "COMPLETED" => Progress::Completed { run_id: r.id },
+        Some(r) if r.status == "CANCELLED" => Progress::FailedForGood,
+        Some(r) if r.status == "FAILED" && r.retry_count >= r.max_retries => {
+            Progress::FailedForGood
+        }
+        Some(_) => Progress::InFlight,
+    }
 }
