@@ -10,7 +10,13 @@
 # Only the export lines go to stdout, so `eval` sees nothing else.
 set -euo pipefail
 
-STATE=${CCAT_TEST_SERVICES_DIR:-$PWD/.services}
+# As root the servers run as the postgres user, which may not reach a checkout under a
+# private home (/root is 0700); then the state goes under /tmp, one dir per checkout.
+default_state=$PWD/.services
+if [[ $(id -u) -eq 0 ]] && ! runuser -u postgres -- test -x "$PWD" 2>/dev/null; then
+  default_state=/tmp/ccat-wfm-services-$(printf %s "$PWD" | sha1sum | cut -c1-12)
+fi
+STATE=${CCAT_TEST_SERVICES_DIR:-$default_state}
 TIMEOUT=${CCAT_TEST_SERVICES_TIMEOUT:-30}   # seconds to wait for a server to answer
 PG_DIR=$STATE/pg                             # owned by the postgres user when we are root
 PG_DATA=$PG_DIR/data
