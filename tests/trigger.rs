@@ -66,6 +66,17 @@ fn created_keys(report: &CycleReport) -> Vec<String> {
     keys
 }
 
+/// A new archived CHAI package (id 7) of scan 3.
+async fn add_package_to_scan_3(db: &Database) {
+    common::exec(
+        db,
+        "INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state) \
+         VALUES (7, 'p7', 3, 1, 'ARCHIVED')",
+    )
+    .await
+    .unwrap();
+}
+
 async fn run_count(db: &Database) -> i64 {
     scalar(db, "SELECT COUNT(*) FROM executed_reduction_step").await
 }
@@ -123,13 +134,7 @@ async fn gaps_become_runs_once_and_new_data_reopens_only_its_sub_group() {
         );
 
         // A new package of scan 3 arrives: only that sub-group is redone.
-        common::exec(
-            db,
-            "INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state) \
-             VALUES (7, 'p7', 3, 1, 'ARCHIVED')",
-        )
-        .await
-        .unwrap();
+        add_package_to_scan_3(db).await;
         let report = cycle(db, t0() + Duration::minutes(2)).await;
         assert_eq!(
             created_keys(&report),
@@ -223,13 +228,7 @@ async fn cooldown_holds_a_new_run_back() {
             .await
             .unwrap();
         cycle(db, t0()).await;
-        common::exec(
-            db,
-            "INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state) \
-             VALUES (7, 'p7', 3, 1, 'ARCHIVED')",
-        )
-        .await
-        .unwrap();
+        add_package_to_scan_3(db).await;
         let report = cycle(db, t0() + Duration::minutes(10)).await;
         let gap = &report.pipelines[0].gaps[0];
         assert_eq!(
@@ -264,13 +263,7 @@ async fn cron_pipelines_fire_once_per_tick_across_restarts() {
         assert_eq!(created_keys(&report).len(), 3);
         // New data before the next tick waits; a "restarted" manager (a fresh cycle call)
         // does not evaluate the same tick again.
-        common::exec(
-            db,
-            "INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state) \
-             VALUES (7, 'p7', 3, 1, 'ARCHIVED')",
-        )
-        .await
-        .unwrap();
+        add_package_to_scan_3(db).await;
         let report = cycle(db, t0() + Duration::hours(5)).await;
         assert!(!report.pipelines[0].evaluated, "{}", t.url);
         // The next day's 03:00 tick evaluates it.
