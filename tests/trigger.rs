@@ -373,8 +373,18 @@ async fn a_broken_pipeline_is_reported_and_the_others_still_run() {
         )
         .await
         .unwrap();
+        db.request_trigger(2, None, None, false, "test")
+            .await
+            .unwrap();
         let report = trigger::run_cycle(db, &options(), t0()).await.unwrap();
         assert_eq!(report.errors.len(), 2, "{}: {:?}", t.url, report.errors);
+        assert!(
+            db.pending_trigger_requests(2).await.unwrap().is_empty(),
+            "{}",
+            t.url
+        );
+        let status: i64 = scalar(db, "SELECT COUNT(*) FROM trigger_request WHERE status = 'FAILED' AND message LIKE '%Planet%'").await;
+        assert_eq!(status, 1, "{}", t.url);
         assert!(report.errors[0].contains("broken-rules") && report.errors[0].contains("Planet"));
         assert!(report.errors[1].contains("broken-cron") && report.errors[1].contains("5 fields"));
         assert_eq!(report.created(), 3, "{}", t.url);

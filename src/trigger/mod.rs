@@ -118,6 +118,13 @@ pub async fn run_cycle(
             Err(TriggerError::Db(e)) => return Err(e),
             Err(e) => {
                 tracing::warn!(pipeline = %pipeline.name, error = %e, "pipeline skipped");
+                // An operator's request for a broken pipeline gets the reason, not silence.
+                if !options.dry_run {
+                    for request in db.pending_trigger_requests(pipeline.id).await? {
+                        db.finish_trigger_request(request.id, true, &e.to_string())
+                            .await?;
+                    }
+                }
                 report.errors.push(e.to_string());
             }
         }
