@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::config::Settings;
 use crate::db::Database;
+use crate::health::{self, Health, HealthKeys, HealthReporter};
 use crate::logging::{self, LogFormat};
 use crate::trigger::{self, TriggerOptions};
 use chrono::Utc;
@@ -87,6 +88,16 @@ enum Command {
         once: bool,
         #[command(flatten)]
         db: DatabaseArg,
+    },
+    /// Show the health of every manager reporting to Redis; exits 1 when any is down or
+    /// stale (usable as a container health check with --service).
+    Health {
+        /// Only this service, e.g. trigger-manager (down when unknown).
+        #[arg(long)]
+        service: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Ask the trigger-manager to evaluate a pipeline now (MANUAL pipelines, forced runs).
     Trigger {
@@ -203,6 +214,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             db.close().await;
             code
         }
+        Command::Health { service, json } => health(&settings, service, json).await,
         Command::TriggerManager { once, db } => {
             let db = open_database(&settings, &db).await?;
             let code = trigger_manager(&settings, &db, once).await;
@@ -387,28 +399,164 @@ async fn trigger_manager(settings: &Settings, db: &Database, once: bool) -> anyh
         });
     }
     let mut shutdown = Shutdown::new()?;
+    let heartbeat = Heartbeat::start(
+        settings,
+        "trigger-manager",
+        settings.poll_intervals.trigger(),
+    );
     tracing::info!(
         interval_s = settings.poll_intervals.trigger_manager,
         "trigger-manager started"
     );
     loop {
         let started = std::time::Instant::now();
+        heartbeat.reporter.cycle_started();
         match trigger::run_cycle(db, &options, Utc::now()).await {
-            Ok(report) => tracing::info!(
-                pipelines = report.pipelines.len(),
-                runs_created = report.created(),
-                errors = report.errors.len(),
-                duration_ms = started.elapsed().as_millis() as u64,
-                "trigger cycle done"
-            ),
+            Ok(report) => {
+                tracing::info!(
+                    pipelines = report.pipelines.len(),
+                    runs_created = report.created(),
+                    errors = report.errors.len(),
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "trigger cycle done"
+                );
+                heartbeat
+                    .reporter
+                    .cycle_finished(report.created() as u64, report.errors.first().cloned());
+            }
             // The database may come back: log and try again next cycle.
-            Err(e) => tracing::error!(error = %e, "trigger cycle failed"),
+            Err(e) => {
+                tracing::error!(error = %e, "trigger cycle failed");
+                heartbeat.reporter.cycle_finished(0, Some(e.to_string()));
+            }
         }
         if shutdown.sleep(settings.poll_intervals.trigger()).await {
             tracing::info!("trigger-manager stopping");
+            heartbeat.stop().await;
             return Ok(0);
         }
     }
+}
+
+/// A manager's Redis heartbeat for as long as its loop runs.
+struct Heartbeat {
+    reporter: HealthReporter,
+    task: Option<tokio::task::JoinHandle<()>>,
+    client: Option<redis::Client>,
+    service: String,
+}
+
+impl Heartbeat {
+    fn start(settings: &Settings, service: &str, interval: std::time::Duration) -> Heartbeat {
+        let reporter = HealthReporter::new(service, HealthReporter::stale_after_for(interval));
+        let client = match health::redis_client(&settings.redis) {
+            Ok(client) => Some(client),
+            Err(e) => {
+                tracing::warn!(error = %e, "no heartbeat: invalid Redis settings");
+                None
+            }
+        };
+        let task = client.clone().map(|client| {
+            health::spawn_heartbeat(
+                client,
+                HealthKeys::default(),
+                reporter.clone(),
+                health::REFRESH,
+            )
+        });
+        Heartbeat {
+            reporter,
+            task,
+            client,
+            service: service.to_owned(),
+        }
+    }
+
+    /// Stops beating and removes the health key, so the service shows as down at once.
+    async fn stop(self) {
+        if let Some(task) = self.task {
+            task.abort();
+        }
+        if let Some(client) = self.client {
+            let key = HealthKeys::default().alive(&self.service);
+            let removed = async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::AsyncCommands::del::<_, ()>(&mut conn, key).await
+            };
+            if let Ok(Err(e)) =
+                tokio::time::timeout(std::time::Duration::from_secs(3), removed).await
+            {
+                tracing::debug!(error = %e, "health key not removed");
+            }
+        }
+    }
+}
+
+async fn health(settings: &Settings, service: Option<String>, json: bool) -> anyhow::Result<u8> {
+    let client = health::redis_client(&settings.redis).context("Redis settings")?;
+    let keys = HealthKeys::default();
+    let redis_at = format!("{}:{}", settings.redis.host, settings.redis.port);
+    let result = match service {
+        Some(name) => health::service(&client, &keys, &name)
+            .await
+            .map(|s| vec![s]),
+        None => health::report(&client, &keys).await,
+    };
+    let services = match result {
+        Ok(services) => services,
+        Err(e) => {
+            eprintln!("error: cannot read health from Redis at {redis_at}: {e}");
+            return Ok(EXIT_PROBLEM);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&services)?);
+    } else {
+        let rows: Vec<Vec<String>> = services
+            .iter()
+            .map(|s| {
+                let (state, reason) = match &s.health {
+                    Health::Healthy => ("healthy", String::new()),
+                    Health::Down => ("down", String::new()),
+                    Health::Stale { reason } => ("stale", reason.clone()),
+                };
+                let st = s.status.as_ref();
+                vec![
+                    s.service.clone(),
+                    state.to_owned(),
+                    st.map_or_else(String::new, |st| format!("{}:{}", st.host, st.pid)),
+                    st.and_then(|st| st.last_cycle_end)
+                        .map_or_else(String::new, |t| t.to_rfc3339()),
+                    st.and_then(|st| st.last_cycle_seconds)
+                        .map_or_else(String::new, |d| format!("{d:.3}")),
+                    if reason.is_empty() {
+                        st.and_then(|st| st.last_error.clone()).unwrap_or_default()
+                    } else {
+                        reason
+                    },
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render_table(
+                &[
+                    "SERVICE",
+                    "STATE",
+                    "PROCESS",
+                    "LAST CYCLE END",
+                    "SECONDS",
+                    "NOTE"
+                ],
+                &rows
+            )
+        );
+        if services.is_empty() {
+            println!("no service reports to Redis at {redis_at}");
+        }
+    }
+    let all_healthy = !services.is_empty() && services.iter().all(|s| s.health == Health::Healthy);
+    Ok(if all_healthy { 0 } else { EXIT_PROBLEM })
 }
 
 /// SIGINT / SIGTERM, registered once so that a signal during a cycle is not lost: the

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod filter;
+pub mod health;
 pub mod logging;
 pub mod trigger;
 

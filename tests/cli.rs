@@ -244,9 +244,20 @@ async fn gaps_trigger_and_trigger_manager_from_the_command_line() {
         );
 
         // The loop handles the request, then stops cleanly on SIGTERM.
+        // Its heartbeat goes to the test Redis.
+        let redis = std::env::var("CCAT_TEST_REDIS_URL").expect("CCAT_TEST_REDIS_URL");
+        let (redis_host, redis_port) = redis
+            .trim_start_matches("redis://")
+            .split('/')
+            .next()
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(h, p)| (h.to_owned(), p.to_owned()))
+            .expect("redis://host:port/db");
         let child = Command::new(env!("CARGO_BIN_EXE_ccat-wfm"))
             .args([&["trigger-manager"][..], &db].concat())
             .env("CCAT_WORKFLOW_MANAGER_TRIGGER_MANAGER_POLL_INTERVAL", "0.2")
+            .env("CCAT_WORKFLOW_MANAGER_REDIS_HOST", &redis_host)
+            .env("CCAT_WORKFLOW_MANAGER_REDIS_PORT", &redis_port)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -275,6 +286,31 @@ async fn gaps_trigger_and_trigger_manager_from_the_command_line() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+        let health = |code: i32| {
+            let out = wfm(
+                &["health", "--service", "trigger-manager"],
+                &[
+                    ("CCAT_WORKFLOW_MANAGER_REDIS_HOST", redis_host.as_str()),
+                    ("CCAT_WORKFLOW_MANAGER_REDIS_PORT", redis_port.as_str()),
+                ],
+            );
+            assert_eq!(out.status.code(), Some(code), "{out:?}");
+        };
+        // The first beat is written as the loop starts; allow it a moment.
+        for _ in 0..50 {
+            let out = wfm(
+                &["health", "--service", "trigger-manager"],
+                &[
+                    ("CCAT_WORKFLOW_MANAGER_REDIS_HOST", redis_host.as_str()),
+                    ("CCAT_WORKFLOW_MANAGER_REDIS_PORT", redis_port.as_str()),
+                ],
+            );
+            if out.status.success() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        health(0);
         let pid = child.id().to_string();
         assert!(
             Command::new("kill")
@@ -286,5 +322,12 @@ async fn gaps_trigger_and_trigger_manager_from_the_command_line() {
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{out:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("trigger-manager stopping"));
+        // A clean stop removes the health key: down at once.
+        health(1);
+        let client = redis::Client::open(redis.as_str()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::AsyncCommands::del(&mut c, "health:workflow:trigger-manager:status")
+            .await
+            .unwrap();
     }
 }
