@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -23,6 +24,12 @@ create_exception!(
 );
 create_exception!(
     _core,
+    DatabaseError,
+    WorkflowManagerError,
+    "The operations database could not be reached or a statement on it failed."
+);
+create_exception!(
+    _core,
     ConfigurationError,
     WorkflowManagerError,
     "The settings are invalid: a key has a value of the wrong kind, or a file cannot be read."
@@ -30,6 +37,36 @@ create_exception!(
 
 fn config_error(err: ConfigError) -> PyErr {
     ConfigurationError::new_err(err.to_string())
+}
+
+fn database_error(err: crate::db::DbError) -> PyErr {
+    DatabaseError::new_err(err.to_string())
+}
+
+/// The tokio runtime of this process. Celery's prefork pool forks after import: a runtime
+/// made before the fork has no threads in the child, so a new one is made when the
+/// process id changes (the parent's is leaked in the child: joining its threads would hang).
+fn runtime() -> Arc<tokio::runtime::Runtime> {
+    static RUNTIME: Mutex<Option<(u32, Arc<tokio::runtime::Runtime>)>> = Mutex::new(None);
+    let mut slot = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = std::process::id();
+    match slot.as_ref() {
+        Some((owner, rt)) if *owner == pid => rt.clone(),
+        _ => {
+            if let Some((_, stale)) = slot.take() {
+                std::mem::forget(stale);
+            }
+            let rt = Arc::new(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime can be built"),
+            );
+            *slot = Some((pid, rt.clone()));
+            rt
+        }
+    }
 }
 
 fn to_json(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Value> {
@@ -137,6 +174,51 @@ fn dynaconf_values<'py>(
     Ok((to_python(py, &Value::Object(loaded.values))?, loaded.files))
 }
 
+/// Runs one trigger-manager cycle and returns its report as a dict. The connection is
+/// opened for the call, so it is safe in forked workers.
+#[pyfunction]
+#[pyo3(signature = (settings, dry_run=false))]
+fn process_triggers<'py>(
+    py: Python<'py>,
+    settings: &PySettings,
+    dry_run: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let settings = settings.inner.clone();
+    let report = py.detach(|| {
+        runtime().block_on(async move {
+            let db = crate::db::Database::connect(&settings.database).await?;
+            let options = crate::trigger::TriggerOptions {
+                processing_location_id: settings.processing_location_id,
+                max_new_runs_per_pipeline: settings.max_new_runs_per_cycle,
+                dry_run,
+                only_pipeline: None,
+            };
+            let report = crate::trigger::run_cycle(&db, &options, chrono::Utc::now()).await;
+            db.close().await;
+            report
+        })
+    });
+    let report = report.map_err(database_error)?;
+    let value =
+        serde_json::to_value(&report).map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
+    to_python(py, &value)
+}
+
+/// Applies the product's migrations to the configured database; returns the versions applied.
+#[pyfunction]
+fn migrate(py: Python<'_>, settings: &PySettings) -> PyResult<Vec<i64>> {
+    let target = settings.inner.database.clone();
+    py.detach(|| {
+        runtime().block_on(async move {
+            let db = crate::db::Database::connect(&target).await?;
+            let applied = db.migrate().await;
+            db.close().await;
+            applied
+        })
+    })
+    .map_err(database_error)
+}
+
 /// Runs the `ccat-wfm` command line with `argv` (program name first); returns the exit code.
 #[pyfunction]
 fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
@@ -153,8 +235,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<WorkflowManagerError>(),
     )?;
     m.add("ConfigurationError", py.get_type::<ConfigurationError>())?;
+    m.add("DatabaseError", py.get_type::<DatabaseError>())?;
     m.add_class::<PySettings>()?;
     m.add_function(wrap_pyfunction!(dynaconf_values, m)?)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(process_triggers, m)?)?;
+    m.add_function(wrap_pyfunction!(migrate, m)?)?;
     Ok(())
 }

@@ -7,9 +7,10 @@ Python services call.
 
 from ccat_workflow_manager._core import (
     ConfigurationError,
+    DatabaseError,
     Settings,
     WorkflowManagerError,
     __version__,
 )
 
-__all__ = ["ConfigurationError", "Settings", "WorkflowManagerError", "__version__"]
+__all__ = ["ConfigurationError", "DatabaseError", "Settings", "WorkflowManagerError", "__version__"]

@@ -12,6 +12,9 @@ class WorkflowManagerError(Exception):
 class ConfigurationError(WorkflowManagerError):
     """The settings are invalid; the message names the key and where it came from."""
 
+class DatabaseError(WorkflowManagerError):
+    """The operations database could not be reached or a statement on it failed."""
+
 class Settings:
     """The typed settings of a manager (SPEC §8)."""
 
@@ -35,3 +38,9 @@ def dynaconf_values(
 
 def cli_main(argv: list[str]) -> int:
     """Runs ``ccat-wfm`` with ``argv`` (program name first); returns the exit code."""
+
+def process_triggers(settings: Settings, dry_run: bool = False) -> dict[str, Any]:
+    """Runs one trigger-manager cycle; returns its report."""
+
+def migrate(settings: Settings) -> list[int]:
+    """Applies the product's migrations to the configured database; returns the versions applied."""
