@@ -200,7 +200,7 @@ where
     match runtime.block_on(run(cli.command, settings)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", describe(&err));
             EXIT_PROBLEM
         }
     }
@@ -583,6 +583,20 @@ impl Shutdown {
             _ = self.terminate.recv() => true,
         }
     }
+}
+
+/// An error with its causes, each said once: library errors already include their
+/// source in their message, and repeating it would only add noise.
+fn describe(err: &anyhow::Error) -> String {
+    let mut out = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// Renders rows as columns separated by two spaces, under a header.

@@ -331,3 +331,23 @@ async fn gaps_trigger_and_trigger_manager_from_the_command_line() {
             .unwrap();
     }
 }
+
+#[test]
+fn an_unreachable_database_is_named_with_its_cause_and_without_its_password() {
+    let out = wfm(
+        &[
+            "db",
+            "check",
+            "--database-url",
+            "postgres://wfm:hunter2@127.0.0.1:1/ops",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("postgres://wfm@127.0.0.1:1/ops") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}

@@ -120,10 +120,7 @@ impl Database {
                 if !password.expose().is_empty() {
                     options = options.password(password.expose());
                 }
-                let pool = PgPoolOptions::new()
-                    .max_connections(10)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .connect_with(options)
+                let pool = postgres_pool(options)
                     .await
                     .map_err(|source| DbError::Connect { target, source })?;
                 Ok(Database::Postgres(pool))
@@ -148,11 +145,7 @@ impl Database {
             Ok(Database::Sqlite(pool))
         } else {
             let options = PgConnectOptions::from_str(url).map_err(connect)?;
-            let pool = PgPoolOptions::new()
-                .max_connections(10)
-                .connect_with(options)
-                .await
-                .map_err(connect)?;
+            let pool = postgres_pool(options).await.map_err(connect)?;
             Ok(Database::Postgres(pool))
         }
     }
@@ -253,6 +246,20 @@ impl Database {
     pub async fn close(&self) {
         on_pool!(self, pool => pool.close().await)
     }
+}
+
+/// A PostgreSQL pool. One direct connection first: the pool retries a refused
+/// connection until its acquire timeout and then reports only the timeout, while an
+/// operator starting a manager wants the real reason (refused, authentication) at once.
+/// Once running, the pool's retries ride out a database restart.
+async fn postgres_pool(options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {
+    use sqlx::{ConnectOptions, Connection};
+    options.connect().await?.close().await?;
+    PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options)
+        .await
 }
 
 /// The connection settings every SQLite connection of the product uses.
