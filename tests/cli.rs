@@ -351,3 +351,47 @@ fn an_unreachable_database_is_named_with_its_cause_and_without_its_password() {
     );
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[tokio::test]
+async fn json_logs_carry_fields_and_no_secret_reaches_a_log_line() {
+    let t = TestDatabase::sqlite("cli_logs").await;
+    t.db.migrate().await.unwrap();
+    common::exec(&t.db, common::ARCHIVE).await.unwrap();
+    common::exec(&t.db, NIGHTLY).await.unwrap();
+    common::exec(&t.db, "UPDATE pipeline SET trigger_type = 'CONTINUOUS'")
+        .await
+        .unwrap();
+    let path = t.url.trim_start_matches("sqlite://").to_owned();
+    let env = [
+        ("CCAT_OPS_DB_DATABASE_SQLITE_DATABASE", path.as_str()),
+        (
+            "CCAT_OPS_DB_DATABASE_POSTGRESQL_PASSWORD",
+            "pg-secret-value",
+        ),
+        ("CCAT_WORKFLOW_MANAGER_REDIS_PASSWORD", "redis-secret-value"),
+    ];
+    let out = wfm(
+        &[
+            "--log-format",
+            "json",
+            "--log-level",
+            "trace",
+            "trigger-manager",
+            "--once",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("secret-value"), "{stderr}");
+    let created: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .filter(|v| v["message"] == "run created")
+        .collect();
+    assert_eq!(created.len(), 3, "{stderr}");
+    assert_eq!(created[0]["pipeline"], "nightly");
+    assert!(created[0]["run_id"].is_number() && created[0]["sub_group"].is_string());
+}
