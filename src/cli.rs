@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::config::Settings;
 use crate::db::Database;
-use crate::health::{self, Health, HealthKeys, HealthReporter};
+use crate::health::{self, Health, HealthKeys, ManagerHeartbeat};
 use crate::logging::{self, LogFormat};
 use crate::trigger::{self, TriggerOptions};
 use chrono::Utc;
@@ -313,19 +313,6 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
     }
 }
 
-fn trigger_options(
-    settings: &Settings,
-    dry_run: bool,
-    only_pipeline: Option<String>,
-) -> TriggerOptions {
-    TriggerOptions {
-        processing_location_id: settings.processing_location_id,
-        max_new_runs_per_pipeline: settings.max_new_runs_per_cycle,
-        dry_run,
-        only_pipeline,
-    }
-}
-
 async fn gaps(
     settings: &Settings,
     db: &Database,
@@ -338,8 +325,15 @@ async fn gaps(
         eprintln!("error: no pipeline named {name:?}");
         return Ok(EXIT_USAGE);
     }
-    let report =
-        trigger::run_cycle(db, &trigger_options(settings, true, pipeline), Utc::now()).await?;
+    let report = trigger::run_cycle(
+        db,
+        &TriggerOptions {
+            only_pipeline: pipeline,
+            ..TriggerOptions::from_settings(settings, true)
+        },
+        Utc::now(),
+    )
+    .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -388,7 +382,7 @@ async fn gaps(
 }
 
 async fn trigger_manager(settings: &Settings, db: &Database, once: bool) -> anyhow::Result<u8> {
-    let options = trigger_options(settings, false, None);
+    let options = TriggerOptions::from_settings(settings, false);
     if once {
         let report = trigger::run_cycle(db, &options, Utc::now()).await?;
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -399,8 +393,8 @@ async fn trigger_manager(settings: &Settings, db: &Database, once: bool) -> anyh
         });
     }
     let mut shutdown = Shutdown::new()?;
-    let heartbeat = Heartbeat::start(
-        settings,
+    let heartbeat = ManagerHeartbeat::start(
+        &settings.redis,
         "trigger-manager",
         settings.poll_intervals.trigger(),
     );
@@ -434,60 +428,6 @@ async fn trigger_manager(settings: &Settings, db: &Database, once: bool) -> anyh
             tracing::info!("trigger-manager stopping");
             heartbeat.stop().await;
             return Ok(0);
-        }
-    }
-}
-
-/// A manager's Redis heartbeat for as long as its loop runs.
-struct Heartbeat {
-    reporter: HealthReporter,
-    task: Option<tokio::task::JoinHandle<()>>,
-    client: Option<redis::Client>,
-    service: String,
-}
-
-impl Heartbeat {
-    fn start(settings: &Settings, service: &str, interval: std::time::Duration) -> Heartbeat {
-        let reporter = HealthReporter::new(service, HealthReporter::stale_after_for(interval));
-        let client = match health::redis_client(&settings.redis) {
-            Ok(client) => Some(client),
-            Err(e) => {
-                tracing::warn!(error = %e, "no heartbeat: invalid Redis settings");
-                None
-            }
-        };
-        let task = client.clone().map(|client| {
-            health::spawn_heartbeat(
-                client,
-                HealthKeys::default(),
-                reporter.clone(),
-                health::REFRESH,
-            )
-        });
-        Heartbeat {
-            reporter,
-            task,
-            client,
-            service: service.to_owned(),
-        }
-    }
-
-    /// Stops beating and removes the health key, so the service shows as down at once.
-    async fn stop(self) {
-        if let Some(task) = self.task {
-            task.abort();
-        }
-        if let Some(client) = self.client {
-            let key = HealthKeys::default().alive(&self.service);
-            let removed = async {
-                let mut conn = client.get_multiplexed_async_connection().await?;
-                redis::AsyncCommands::del::<_, ()>(&mut conn, key).await
-            };
-            if let Ok(Err(e)) =
-                tokio::time::timeout(std::time::Duration::from_secs(3), removed).await
-            {
-                tracing::debug!(error = %e, "health key not removed");
-            }
         }
     }
 }

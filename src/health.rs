@@ -208,6 +208,55 @@ pub fn spawn_heartbeat(
     })
 }
 
+/// A manager's Redis heartbeat for as long as its loop runs.
+pub struct ManagerHeartbeat {
+    /// Where the loop reports its cycles.
+    pub reporter: HealthReporter,
+    task: Option<tokio::task::JoinHandle<()>>,
+    client: Option<redis::Client>,
+    service: String,
+}
+
+impl ManagerHeartbeat {
+    /// Starts beating for `service`, whose loop polls every `interval`.
+    pub fn start(redis: &RedisSettings, service: &str, interval: Duration) -> ManagerHeartbeat {
+        let reporter = HealthReporter::new(service, HealthReporter::stale_after_for(interval));
+        let client = match redis_client(redis) {
+            Ok(client) => Some(client),
+            Err(e) => {
+                tracing::warn!(error = %e, "no heartbeat: invalid Redis settings");
+                None
+            }
+        };
+        let task = client.clone().map(|client| {
+            spawn_heartbeat(client, HealthKeys::default(), reporter.clone(), REFRESH)
+        });
+        ManagerHeartbeat {
+            reporter,
+            task,
+            client,
+            service: service.to_owned(),
+        }
+    }
+
+    /// Stops beating and removes the health key, so the service shows as down at once.
+    pub async fn stop(self) {
+        if let Some(task) = self.task {
+            task.abort();
+        }
+        if let Some(client) = self.client {
+            let key = HealthKeys::default().alive(&self.service);
+            let removed = async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::AsyncCommands::del::<_, ()>(&mut conn, key).await
+            };
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(3), removed).await {
+                tracing::debug!(error = %e, "health key not removed");
+            }
+        }
+    }
+}
+
 /// A service's state as `ccat-wfm health` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "state", rename_all = "lowercase")]

@@ -187,12 +187,7 @@ fn process_triggers<'py>(
     let report = py.detach(|| {
         runtime().block_on(async move {
             let db = crate::db::Database::connect(&settings.database).await?;
-            let options = crate::trigger::TriggerOptions {
-                processing_location_id: settings.processing_location_id,
-                max_new_runs_per_pipeline: settings.max_new_runs_per_cycle,
-                dry_run,
-                only_pipeline: None,
-            };
+            let options = crate::trigger::TriggerOptions::from_settings(&settings, dry_run);
             let report = crate::trigger::run_cycle(&db, &options, chrono::Utc::now()).await;
             db.close().await;
             report

@@ -43,6 +43,18 @@ pub struct TriggerOptions {
     pub only_pipeline: Option<String>,
 }
 
+impl TriggerOptions {
+    /// The options a configured manager runs with.
+    pub fn from_settings(settings: &crate::config::Settings, dry_run: bool) -> Self {
+        TriggerOptions {
+            processing_location_id: settings.processing_location_id,
+            max_new_runs_per_pipeline: settings.max_new_runs_per_cycle,
+            dry_run,
+            only_pipeline: None,
+        }
+    }
+}
+
 /// Why a gap exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
