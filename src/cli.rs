@@ -402,10 +402,12 @@ async fn trigger_manager(settings: &Settings, db: &Database, once: bool) -> anyh
         interval_s = settings.poll_intervals.trigger_manager,
         "trigger-manager started"
     );
+    // Kept between cycles: each cycle then costs what changed, not the archive's size.
+    let mut evaluator = trigger::Evaluator::default();
     loop {
         let started = std::time::Instant::now();
         heartbeat.reporter.cycle_started();
-        match trigger::run_cycle(db, &options, Utc::now()).await {
+        match evaluator.cycle(db, &options, Utc::now()).await {
             Ok(report) => {
                 tracing::info!(
                     pipelines = report.pipelines.len(),

@@ -41,6 +41,7 @@ fn options() -> TriggerOptions {
         max_new_runs_per_pipeline: 100,
         dry_run: false,
         only_pipeline: None,
+        list_gaps: true,
     }
 }
 
@@ -539,5 +540,211 @@ async fn a_dependency_on_a_later_step_is_a_definition_error() {
         let report = trigger::run_cycle(db, &options(), t0()).await.unwrap();
         assert_eq!(report.errors.len(), 1, "{}", t.url);
         assert!(report.errors[0].contains("early"), "{}", report.errors[0]);
+    }
+}
+
+/// The (step, sub-group) pairs a cold, full evaluation would create runs for now.
+async fn expected_gaps(db: &Database, now: DateTime<Utc>) -> Vec<(String, String)> {
+    let mut preview = options();
+    preview.dry_run = true;
+    let report = trigger::run_cycle(db, &preview, now).await.unwrap();
+    let mut gaps: Vec<(String, String)> = report
+        .pipelines
+        .iter()
+        .flat_map(|p| &p.gaps)
+        .filter(|g| g.cooldown_until.is_none())
+        .map(|g| (g.step.clone(), g.sub_group_key.clone()))
+        .collect();
+    gaps.sort();
+    gaps
+}
+
+fn created_pairs(report: &CycleReport) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = report
+        .pipelines
+        .iter()
+        .flat_map(|p| &p.gaps)
+        .filter(|g| g.run_id.is_some())
+        .map(|g| (g.step.clone(), g.sub_group_key.clone()))
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+/// Runs one cycle of a long-lived evaluator after a change and checks it created exactly
+/// what a cold full evaluation says is missing, and that nothing is missing afterwards.
+async fn incremental_cycle(
+    evaluator: &mut trigger::Evaluator,
+    db: &Database,
+    now: DateTime<Utc>,
+    what: &str,
+) -> CycleReport {
+    let expected = expected_gaps(db, now).await;
+    let report = evaluator.cycle(db, &options(), now).await.unwrap();
+    assert!(report.errors.is_empty(), "{what}: {:?}", report.errors);
+    assert_eq!(created_pairs(&report), expected, "{what}");
+    assert!(expected_gaps(db, now).await.is_empty(), "{what}: gaps left");
+    report
+}
+
+#[tokio::test]
+async fn incremental_cycles_create_what_a_full_evaluation_would_and_look_only_at_changes() {
+    for t in setup("incremental").await {
+        let db = &t.db;
+        let url = &t.url;
+        common::exec(
+            db,
+            r#"INSERT INTO reduction_step (id, pipeline_id, name, step_order, reduction_software_id,
+                                           reduction_software_version_id, group_by, cooldown_seconds)
+                 VALUES (2, 1, 'map', 1, 1, 1, '["source"]', 0);
+               INSERT INTO reduction_step_dependency (reduction_step_id, depends_on_step_id) VALUES (2, 1);"#,
+        )
+        .await
+        .unwrap();
+        let mut evaluator = trigger::Evaluator::default();
+        let mut now = t0();
+        let mut step = |what: &'static str| {
+            now += Duration::minutes(1);
+            (what, now)
+        };
+
+        let (what, at) = step("first cycle");
+        let report = incremental_cycle(&mut evaluator, db, at, what).await;
+        assert_eq!(report.pipelines[0].mode, trigger::Mode::Full, "{url}");
+        assert_eq!(report.created(), 3, "{url}");
+
+        // The runs it created are changes of their own: looked at once, then quiet.
+        let (what, at) = step("after own runs");
+        let report = incremental_cycle(&mut evaluator, db, at, what).await;
+        assert_eq!(
+            report.pipelines[0].mode,
+            trigger::Mode::Incremental,
+            "{url}"
+        );
+        assert_eq!(report.changed_runs, 3, "{url}");
+        let (what, at) = step("nothing changed");
+        let report = incremental_cycle(&mut evaluator, db, at, what).await;
+        assert_eq!(
+            (
+                report.changed_packages,
+                report.changed_runs,
+                report.pipelines[0].sub_groups_evaluated
+            ),
+            (0, 0, 0),
+            "{url}"
+        );
+
+        // Scans 1 and 2 (NGC253) complete: the NGC253 map is created, M82's still waits.
+        common::exec(
+            db,
+            "UPDATE executed_reduction_step SET status = 'COMPLETED' WHERE reduction_step_id = 1 \
+             AND sub_group_key IN ('executed_obs_unit=1', 'executed_obs_unit=2')",
+        )
+        .await
+        .unwrap();
+        complete_with_products(db, "executed_obs_unit=1").await;
+        complete_with_products(db, "executed_obs_unit=2").await;
+        let (what, at) = step("upstream completed");
+        let report = incremental_cycle(&mut evaluator, db, at, what).await;
+        assert_eq!(
+            created_pairs(&report),
+            vec![("map".to_owned(), "source=NGC253".to_owned())],
+            "{url}"
+        );
+
+        let (what, at) = step("settle");
+        incremental_cycle(&mut evaluator, db, at, what).await;
+
+        // A package of scan 3 finishes its transfer: calibrate of scan 3 is redone, and
+        // only the sub-groups it touches are looked at (scan 3 and the M82 map).
+        common::exec(
+            db,
+            "UPDATE raw_data_package SET state = 'ARCHIVED' WHERE id = 6",
+        )
+        .await
+        .unwrap();
+        let (what, at) = step("package archived");
+        let report = incremental_cycle(&mut evaluator, db, at, what).await;
+        assert_eq!(report.changed_packages, 1, "{url}");
+        assert_eq!(report.pipelines[0].sub_groups_evaluated, 2, "{url}");
+
+        // A package leaves the selection: its scan's calibration is redone without it.
+        common::exec(
+            db,
+            "UPDATE raw_data_package SET state = 'FAILED' WHERE id = 2",
+        )
+        .await
+        .unwrap();
+        let (what, at) = step("package failed");
+        incremental_cycle(&mut evaluator, db, at, what).await;
+
+        // A joined row changes: the source is renamed, so its map sub-group is new.
+        common::exec(db, "UPDATE source SET name = 'NGC 253' WHERE id = 1")
+            .await
+            .unwrap();
+        // Packages 1-3 join to it (2 is no longer selected, but is looked at).
+        let (what, at) = step("source renamed");
+        let report = incremental_cycle(&mut evaluator, db, at, what).await;
+        assert_eq!(report.changed_packages, 3, "{url}");
+
+        // A brand-new scan with a package, written by someone else in one go.
+        common::exec(
+            db,
+            "INSERT INTO executed_obs_unit (id, obs_unit_id, start_time) VALUES (5, 2, '2026-01-14T10:00:00+00:00');
+             INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state)
+               VALUES (8, 'p8', 5, 2, 'ARCHIVED');",
+        )
+        .await
+        .unwrap();
+        let (what, at) = step("new scan");
+        let report = incremental_cycle(&mut evaluator, db, at, what).await;
+        assert!(
+            created_pairs(&report)
+                .contains(&("calibrate".to_owned(), "executed_obs_unit=5".to_owned())),
+            "{url}"
+        );
+
+        // A new compatible software version changes the definition: evaluated in full.
+        common::exec(
+            db,
+            "INSERT INTO reduction_software_version (id, reduction_software_id, version, image_ref) \
+             VALUES (4, 1, '1.2.0', 'calib:1.2.0')",
+        )
+        .await
+        .unwrap();
+        let (what, at) = step("new version");
+        let report = incremental_cycle(&mut evaluator, db, at, what).await;
+        assert_eq!(report.pipelines[0].mode, trigger::Mode::Full, "{url}");
+
+        // A run is deleted by hand: the evaluator starts afresh and recreates it.
+        common::exec(
+            db,
+            "DELETE FROM executed_reduction_step WHERE id = (SELECT MAX(id) FROM executed_reduction_step)",
+        )
+        .await
+        .unwrap();
+        let (what, at) = step("run deleted");
+        let report = incremental_cycle(&mut evaluator, db, at, what).await;
+        assert_eq!(report.created(), 1, "{url}");
+    }
+}
+
+#[tokio::test]
+async fn held_back_gaps_are_created_in_later_cycles_without_any_change() {
+    for t in setup("held-back").await {
+        let db = &t.db;
+        let mut evaluator = trigger::Evaluator::default();
+        let mut bounded = options();
+        bounded.max_new_runs_per_pipeline = 1;
+        let mut total = 0;
+        for minute in 0..4 {
+            let report = evaluator
+                .cycle(db, &bounded, t0() + Duration::minutes(minute))
+                .await
+                .unwrap();
+            total += report.created();
+        }
+        assert_eq!(total, 3, "{}", t.url);
+        assert_eq!(run_count(db).await, 3, "{}", t.url);
     }
 }

@@ -5,9 +5,10 @@
 //! the root; a rule or dimension that needs a table adds its join path, each join once.
 //! Identifiers come from the registries only; every rule value is a bound parameter.
 
+use futures_util::TryStreamExt;
 use sqlx::Row;
 
-use super::{Database, DbError, Dialect};
+use super::{Database, DbError, Dialect, on_pool};
 use crate::filter::{ColumnKind, Dimension, FilterTable, FilterValue, Operand, Operator, Rule};
 
 /// How a table joins towards the root: its alias, the table it hangs off, the join text.
@@ -105,6 +106,8 @@ pub struct Selection<'a> {
     pub group_by: &'a [Dimension],
     /// Only packages in state ARCHIVED (what processing can use).
     pub only_archived: bool,
+    /// Only these packages (an incremental re-selection of what changed).
+    pub only_packages: Option<&'a [i64]>,
 }
 
 /// One matching package with its dimension values in `group_by` order.
@@ -122,6 +125,7 @@ pub enum Bind {
     Float(f64),
     TextArray(Vec<String>),
     Timestamp(chrono::DateTime<chrono::Utc>),
+    IntArray(Vec<i64>),
 }
 
 /// A rendered query and its parameters, in placeholder order.
@@ -140,6 +144,22 @@ impl Renderer {
     fn bind(&mut self, value: Bind) -> String {
         self.binds.push(value);
         format!("${}", self.binds.len())
+    }
+
+    /// `column` is one of `ids`: an array parameter on PostgreSQL, a JSON list on SQLite.
+    fn id_list(&mut self, column: &str, ids: &[i64]) -> String {
+        match self.dialect {
+            Dialect::Postgres => {
+                let p = self.bind(Bind::IntArray(ids.to_vec()));
+                format!("{column} = ANY({p})")
+            }
+            Dialect::Sqlite => {
+                let p = self.bind(Bind::Text(
+                    serde_json::to_string(ids).expect("integers serialise"),
+                ));
+                format!("{column} IN (SELECT value FROM json_each({p}))")
+            }
+        }
     }
 
     fn rule(&mut self, rule: &Rule) -> String {
@@ -308,7 +328,8 @@ fn sqlite_json_types(value: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Renders the query for a selection: `SELECT rdp.id, <dimension values…>`, ordered by id.
+/// Renders the query for a selection: `SELECT rdp.id, <dimension values…>`, in no
+/// particular order (sorting a million rows is the caller's cheaper job).
 pub fn render(selection: &Selection<'_>, dialect: Dialect) -> RenderedQuery {
     let mut r = Renderer {
         dialect,
@@ -328,6 +349,9 @@ pub fn render(selection: &Selection<'_>, dialect: Dialect) -> RenderedQuery {
     if let Some(id) = selection.instrument_module_id {
         let p = r.bind(Bind::Int(id));
         conditions.push(format!("rdp.instrument_module_id = {p}"));
+    }
+    if let Some(ids) = selection.only_packages {
+        conditions.push(r.id_list("rdp.id", ids));
     }
     for rule in selection.rules {
         needed.push(rule.table);
@@ -359,7 +383,6 @@ pub fn render(selection: &Selection<'_>, dialect: Dialect) -> RenderedQuery {
         sql.push_str(" WHERE ");
         sql.push_str(&conditions.join(" AND "));
     }
-    sql.push_str(" ORDER BY rdp.id");
     RenderedQuery {
         sql,
         binds: r.binds,
@@ -367,16 +390,30 @@ pub fn render(selection: &Selection<'_>, dialect: Dialect) -> RenderedQuery {
 }
 
 impl Database {
-    /// The packages matching a selection, with their dimension values.
+    /// The packages matching a selection, with their dimension values, ordered by id.
     pub async fn select_packages(
         &self,
         selection: &Selection<'_>,
     ) -> Result<Vec<PackageRow>, DbError> {
+        let mut rows = Vec::new();
+        self.for_each_package(selection, |row| rows.push(row))
+            .await?;
+        rows.sort_unstable_by_key(|r| r.id);
+        Ok(rows)
+    }
+
+    /// Streams the packages matching a selection to `each`, in no particular order,
+    /// without holding the result set in memory. Returns how many there were.
+    pub async fn for_each_package(
+        &self,
+        selection: &Selection<'_>,
+        mut each: impl FnMut(PackageRow),
+    ) -> Result<usize, DbError> {
         let rendered = render(selection, self.dialect());
         let width = selection.group_by.len();
         // The text is built from registry identifiers and placeholders only.
         let sql = sqlx::AssertSqlSafe(rendered.sql);
-        let what = DbError::query("selecting packages");
+        let mut count = 0;
         match self {
             Database::Postgres(pool) => {
                 let mut q = sqlx::query(sql);
@@ -387,10 +424,18 @@ impl Database {
                         Bind::Float(f) => q.bind(f),
                         Bind::Timestamp(t) => q.bind(t),
                         Bind::TextArray(a) => q.bind(a),
+                        Bind::IntArray(a) => q.bind(a),
                     };
                 }
-                let rows = q.fetch_all(pool).await.map_err(what)?;
-                rows.iter().map(|row| package_row(row, width)).collect()
+                let mut rows = q.fetch(pool);
+                while let Some(row) = rows
+                    .try_next()
+                    .await
+                    .map_err(DbError::query("selecting packages"))?
+                {
+                    each(package_row(&row, width)?);
+                    count += 1;
+                }
             }
             Database::Sqlite(pool) => {
                 let mut q = sqlx::query(sql);
@@ -403,16 +448,66 @@ impl Database {
                         Bind::Timestamp(t) => {
                             q.bind(t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string())
                         }
-                        Bind::TextArray(_) => {
-                            unreachable!("the SQLite renderer writes JSON paths as text")
+                        Bind::TextArray(_) | Bind::IntArray(_) => {
+                            unreachable!("the SQLite renderer writes lists as JSON text")
                         }
                     };
                 }
-                let rows = q.fetch_all(pool).await.map_err(what)?;
-                rows.iter().map(|row| package_row(row, width)).collect()
+                let mut rows = q.fetch(pool);
+                while let Some(row) = rows
+                    .try_next()
+                    .await
+                    .map_err(DbError::query("selecting packages"))?
+                {
+                    each(package_row(&row, width)?);
+                    count += 1;
+                }
             }
         }
+        Ok(count)
     }
+
+    /// Packages whose selection may have changed since `horizon`: written themselves, or
+    /// joined (by the registry's paths) to a row of another filterable table written since.
+    pub async fn changed_packages(&self, horizon: i64) -> Result<Vec<i64>, DbError> {
+        let sql = sqlx::AssertSqlSafe(changed_packages_sql());
+        let mut ids: Vec<i64> = on_pool!(self, pool => {
+            sqlx::query_scalar(sql).bind(horizon).fetch_all(pool).await
+        })
+        .map_err(DbError::query("finding changed packages"))?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+}
+
+/// One branch per filterable table, each an index probe on that table's `change_mark`
+/// followed by its join path down to the packages; a UNION, not an OR, so that every
+/// branch can use its index.
+fn changed_packages_sql() -> String {
+    JOINS
+        .iter()
+        .map(|j| {
+            let mut path = Vec::new();
+            let mut current = Some(j.table);
+            while let Some(t) = current {
+                let step = join(t);
+                if step.parent.is_some() {
+                    // Only rows that exist on both sides matter here.
+                    path.push(step.clause.trim_start_matches("LEFT "));
+                }
+                current = step.parent;
+            }
+            path.reverse();
+            let mut sql = String::from("SELECT rdp.id FROM raw_data_package rdp");
+            for clause in path {
+                sql.push(' ');
+                sql.push_str(clause);
+            }
+            sql.push_str(&format!(" WHERE {}.change_mark >= $1", j.alias));
+            sql
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ")
 }
 
 fn package_row<R: Row>(row: &R, width: usize) -> Result<PackageRow, DbError>

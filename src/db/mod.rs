@@ -6,6 +6,7 @@
 //! access) a submodule holds one text per dialect. `on_pool!` runs the same query builder
 //! against whichever pool is in use, so each call site is monomorphised for both drivers.
 
+pub mod changes;
 pub mod filter_sql;
 pub mod pipelines;
 pub mod schema;
@@ -215,10 +216,13 @@ impl Database {
         Ok(tables)
     }
 
-    /// Compares the database with [`schema::TABLES`]: what the product needs and lacks.
+    /// Compares the database with [`schema::tables`]: what the product needs and lacks.
     pub async fn check(&self) -> Result<SchemaReport, DbError> {
         let present = self.columns().await?;
-        Ok(SchemaReport::compare(schema::TABLES, &present))
+        Ok(SchemaReport::compare(
+            &schema::tables(self.dialect()),
+            &present,
+        ))
     }
 
     /// A description of the target for messages: kind and location, no secrets.

@@ -41,6 +41,7 @@ pub struct StepRow {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SoftwareVersionRow {
     pub id: i64,
+    pub reduction_software_id: i64,
     pub version: String,
     pub image_ref: String,
     pub image_digest: Option<String>,
@@ -87,6 +88,10 @@ pub struct NewRun {
 
 /// Rows per multi-row INSERT, well under SQLite's bound-parameter limit.
 const INSERT_CHUNK: usize = 1000;
+/// Runs per multi-row INSERT (eleven parameters each).
+const RUN_CHUNK: usize = 200;
+/// Sub-group keys per lookup.
+const KEY_CHUNK: usize = 5000;
 
 impl Database {
     /// Enabled pipelines served by a processing location, highest priority first.
@@ -112,51 +117,66 @@ impl Database {
         .map_err(DbError::query("reading enabled pipelines"))
     }
 
-    /// The steps of a pipeline in execution order.
-    pub async fn pipeline_steps(&self, pipeline_id: i64) -> Result<Vec<StepRow>, DbError> {
+    /// The steps of every enabled pipeline of a location, by pipeline, in execution order.
+    pub async fn enabled_steps(
+        &self,
+        processing_location_id: i64,
+    ) -> Result<Vec<StepRow>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT s.id, s.pipeline_id, s.name, s.step_order, s.reduction_software_id, \
                         s.reduction_software_version_id, s.version_policy, s.group_by, \
                         s.cooldown_seconds, s.max_retries, c.parameters \
                  FROM reduction_step s \
+                 JOIN pipeline p ON p.id = s.pipeline_id \
                  LEFT JOIN reduction_step_config c ON c.reduction_step_id = s.id \
-                 WHERE s.pipeline_id = $1 \
-                 ORDER BY s.step_order, s.id",
+                 WHERE p.enabled AND p.processing_location_id = $1 \
+                 ORDER BY s.pipeline_id, s.step_order, s.id",
             )
-            .bind(pipeline_id)
+            .bind(processing_location_id)
             .fetch_all(pool)
             .await
         })
         .map_err(DbError::query("reading pipeline steps"))
     }
 
-    /// `(step, upstream step)` pairs of a pipeline's steps.
-    pub async fn step_dependencies(&self, pipeline_id: i64) -> Result<Vec<(i64, i64)>, DbError> {
+    /// `(step, upstream step)` pairs of the steps of every enabled pipeline of a location.
+    pub async fn enabled_step_dependencies(
+        &self,
+        processing_location_id: i64,
+    ) -> Result<Vec<(i64, i64)>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT d.reduction_step_id, d.depends_on_step_id \
                  FROM reduction_step_dependency d \
                  JOIN reduction_step s ON s.id = d.reduction_step_id \
-                 WHERE s.pipeline_id = $1",
+                 JOIN pipeline p ON p.id = s.pipeline_id \
+                 WHERE p.enabled AND p.processing_location_id = $1 \
+                 ORDER BY d.reduction_step_id, d.depends_on_step_id",
             )
-            .bind(pipeline_id)
+            .bind(processing_location_id)
             .fetch_all(pool)
             .await
         })
         .map_err(DbError::query("reading step dependencies"))
     }
 
-    pub async fn software_versions(
+    /// The versions of every software the enabled pipelines of a location use.
+    pub async fn enabled_software_versions(
         &self,
-        reduction_software_id: i64,
+        processing_location_id: i64,
     ) -> Result<Vec<SoftwareVersionRow>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
-                "SELECT id, version, image_ref, image_digest, deprecated \
-                 FROM reduction_software_version WHERE reduction_software_id = $1 ORDER BY id",
+                "SELECT v.id, v.reduction_software_id, v.version, v.image_ref, v.image_digest, v.deprecated \
+                 FROM reduction_software_version v \
+                 WHERE v.reduction_software_id IN ( \
+                     SELECT s.reduction_software_id FROM reduction_step s \
+                     JOIN pipeline p ON p.id = s.pipeline_id \
+                     WHERE p.enabled AND p.processing_location_id = $1) \
+                 ORDER BY v.reduction_software_id, v.id",
             )
-            .bind(reduction_software_id)
+            .bind(processing_location_id)
             .fetch_all(pool)
             .await
         })
@@ -175,6 +195,62 @@ impl Database {
             .await
         })
         .map_err(DbError::query("reading a step's runs"))
+    }
+
+    /// The runs of a step for some of its sub-groups.
+    pub async fn step_run_stamps_for(
+        &self,
+        reduction_step_id: i64,
+        sub_group_keys: &[&str],
+    ) -> Result<Vec<RunStamp>, DbError> {
+        let mut stamps = Vec::new();
+        for chunk in sub_group_keys.chunks(KEY_CHUNK) {
+            let keys = serde_json::to_string(chunk).expect("keys serialise");
+            let what = DbError::query("reading a step's runs");
+            let part: Vec<RunStamp> = match self {
+                Database::Postgres(pool) => sqlx::query_as(
+                    "SELECT id, sub_group_key, fingerprint, status, retry_count, max_retries, created_at \
+                     FROM executed_reduction_step WHERE reduction_step_id = $1 \
+                       AND sub_group_key IN (SELECT jsonb_array_elements_text($2::jsonb))",
+                )
+                .bind(reduction_step_id)
+                .bind(keys)
+                .fetch_all(pool)
+                .await
+                .map_err(what)?,
+                Database::Sqlite(pool) => sqlx::query_as(
+                    "SELECT id, sub_group_key, fingerprint, status, retry_count, max_retries, created_at \
+                     FROM executed_reduction_step WHERE reduction_step_id = $1 \
+                       AND sub_group_key IN (SELECT value FROM json_each($2))",
+                )
+                .bind(reduction_step_id)
+                .bind(keys)
+                .fetch_all(pool)
+                .await
+                .map_err(what)?,
+            };
+            stamps.extend(part);
+        }
+        Ok(stamps)
+    }
+
+    /// Pending manual trigger requests of every enabled pipeline of a location, oldest first.
+    pub async fn enabled_trigger_requests(
+        &self,
+        processing_location_id: i64,
+    ) -> Result<Vec<TriggerRequestRow>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT r.id, r.pipeline_id, r.reduction_step_id, r.sub_group_key, r.force \
+                 FROM trigger_request r JOIN pipeline p ON p.id = r.pipeline_id \
+                 WHERE p.enabled AND p.processing_location_id = $1 AND r.status = 'PENDING' \
+                 ORDER BY r.created_at, r.id",
+            )
+            .bind(processing_location_id)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading trigger requests"))
     }
 
     /// Pending manual trigger requests of a pipeline, oldest first.
@@ -269,69 +345,94 @@ impl Database {
         .map_err(DbError::query("recording a pipeline evaluation"))
     }
 
-    /// Creates a PENDING run with its inputs in one transaction. Returns `None` when a run
-    /// with the same (step, sub-group, fingerprint) exists: creation is idempotent, also
-    /// between trigger-managers racing each other.
-    pub async fn create_run(
+    /// Creates PENDING runs with their inputs in one transaction. A run whose (step,
+    /// sub-group, fingerprint) exists already is skipped (`None` in its place): creation is
+    /// idempotent, also between trigger-managers racing each other.
+    pub async fn create_runs(
         &self,
-        run: &NewRun,
+        runs: &[NewRun],
         now: DateTime<Utc>,
-    ) -> Result<Option<i64>, DbError> {
-        let what = DbError::query("creating a run");
+    ) -> Result<Vec<Option<i64>>, DbError> {
+        let mut ids = vec![None; runs.len()];
+        if runs.is_empty() {
+            return Ok(ids);
+        }
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await.map_err(what)?;
-            let id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO executed_reduction_step \
-                   (reduction_step_id, sub_group_key, sub_group, fingerprint, status, \
-                    reduction_software_version_id, config_snapshot, excluded_upstream, max_retries, \
-                    created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, 'PENDING', $5, $6, $7, $8, $9, $9) \
-                 ON CONFLICT (reduction_step_id, sub_group_key, fingerprint) DO NOTHING \
-                 RETURNING id",
-            )
-            .bind(run.reduction_step_id)
-            .bind(&run.sub_group_key)
-            .bind(Json(&run.sub_group))
-            .bind(&run.fingerprint)
-            .bind(run.reduction_software_version_id)
-            .bind(Json(&run.config_snapshot))
-            .bind(Json(&run.excluded_upstream))
-            .bind(run.max_retries)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(DbError::query("creating a run"))?;
-            let Some(id) = id else {
-                return Ok(None);
-            };
-            for chunk in run.raw_inputs.chunks(INSERT_CHUNK) {
+            let mut tx = pool.begin().await.map_err(DbError::query("creating runs"))?;
+            let mut raw_links = Vec::new();
+            let mut product_links = Vec::new();
+            for (chunk_index, chunk) in runs.chunks(RUN_CHUNK).enumerate() {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO executed_reduction_step \
+                       (reduction_step_id, sub_group_key, sub_group, fingerprint, status, \
+                        reduction_software_version_id, config_snapshot, excluded_upstream, max_retries, \
+                        created_at, updated_at) ",
+                );
+                insert.push_values(chunk, |mut row, run| {
+                    row.push_bind(run.reduction_step_id)
+                        .push_bind(&run.sub_group_key)
+                        .push_bind(Json(&run.sub_group))
+                        .push_bind(&run.fingerprint)
+                        .push_bind("PENDING")
+                        .push_bind(run.reduction_software_version_id)
+                        .push_bind(Json(&run.config_snapshot))
+                        .push_bind(Json(&run.excluded_upstream))
+                        .push_bind(run.max_retries)
+                        .push_bind(now)
+                        .push_bind(now);
+                });
+                insert.push(
+                    " ON CONFLICT (reduction_step_id, sub_group_key, fingerprint) DO NOTHING \
+                      RETURNING id, reduction_step_id, sub_group_key, fingerprint",
+                );
+                let created: Vec<(i64, i64, String, String)> = insert
+                    .build_query_as()
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(DbError::query("creating runs"))?;
+                for (id, step, key, fingerprint) in created {
+                    let offset = chunk
+                        .iter()
+                        .position(|r| {
+                            r.reduction_step_id == step
+                                && r.sub_group_key == key
+                                && r.fingerprint == fingerprint
+                        })
+                        .expect("a created run is one of those inserted");
+                    let run = &chunk[offset];
+                    ids[chunk_index * RUN_CHUNK + offset] = Some(id);
+                    raw_links.extend(run.raw_inputs.iter().map(|p| (id, *p)));
+                    product_links.extend(run.product_inputs.iter().map(|p| (id, *p)));
+                }
+            }
+            for chunk in raw_links.chunks(INSERT_CHUNK) {
                 let mut insert = sqlx::QueryBuilder::new(
                     "INSERT INTO executed_reduction_step_raw_input (executed_reduction_step_id, raw_data_package_id) ",
                 );
-                insert.push_values(chunk, |mut row, package| {
-                    row.push_bind(id).push_bind(*package);
+                insert.push_values(chunk, |mut row, (run, package)| {
+                    row.push_bind(*run).push_bind(*package);
                 });
                 insert
                     .build()
                     .execute(&mut *tx)
                     .await
-                    .map_err(DbError::query("recording a run's inputs"))?;
+                    .map_err(DbError::query("recording runs' inputs"))?;
             }
-            for chunk in run.product_inputs.chunks(INSERT_CHUNK) {
+            for chunk in product_links.chunks(INSERT_CHUNK) {
                 let mut insert = sqlx::QueryBuilder::new(
                     "INSERT INTO executed_reduction_step_product_input (executed_reduction_step_id, data_product_id) ",
                 );
-                insert.push_values(chunk, |mut row, product| {
-                    row.push_bind(id).push_bind(*product);
+                insert.push_values(chunk, |mut row, (run, product)| {
+                    row.push_bind(*run).push_bind(*product);
                 });
                 insert
                     .build()
                     .execute(&mut *tx)
                     .await
-                    .map_err(DbError::query("recording a run's upstream products"))?;
+                    .map_err(DbError::query("recording runs' upstream products"))?;
             }
-            tx.commit().await.map_err(DbError::query("committing a new run"))?;
-            Ok(Some(id))
+            tx.commit().await.map_err(DbError::query("committing new runs"))?;
+            Ok(ids)
         })
     }
 

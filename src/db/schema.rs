@@ -15,27 +15,27 @@ pub struct Table {
 pub const TABLES: &[Table] = &[
     Table {
         name: "instrument",
-        columns: &["id", "name", "description"],
+        columns: &["id", "name", "description", "change_mark"],
     },
     Table {
         name: "instrument_module",
-        columns: &["id", "name", "instrument_id"],
+        columns: &["id", "name", "instrument_id", "change_mark"],
     },
     Table {
         name: "source",
-        columns: &["id", "name", "ra_deg", "dec_deg"],
+        columns: &["id", "name", "ra_deg", "dec_deg", "change_mark"],
     },
     Table {
         name: "line",
-        columns: &["id", "name", "rest_frequency_ghz"],
+        columns: &["id", "name", "rest_frequency_ghz", "change_mark"],
     },
     Table {
         name: "obs_unit",
-        columns: &["id", "name", "source_id", "line_id"],
+        columns: &["id", "name", "source_id", "line_id", "change_mark"],
     },
     Table {
         name: "executed_obs_unit",
-        columns: &["id", "obs_unit_id", "start_time", "end_time"],
+        columns: &["id", "obs_unit_id", "start_time", "end_time", "change_mark"],
     },
     Table {
         name: "raw_data_package",
@@ -51,6 +51,7 @@ pub const TABLES: &[Table] = &[
             "metadata",
             "created_at",
             "updated_at",
+            "change_mark",
         ],
     },
     Table {
@@ -165,6 +166,7 @@ pub const TABLES: &[Table] = &[
             "submitted_at",
             "started_at",
             "finished_at",
+            "change_mark",
         ],
     },
     Table {
@@ -237,4 +239,23 @@ pub const TABLES: &[Table] = &[
         name: "pipeline_trigger_state",
         columns: &["pipeline_id", "last_cron_tick", "last_evaluated_at"],
     },
+    Table {
+        name: "change_tombstone",
+        columns: &["table_name", "row_id", "change_mark", "deleted_at"],
+    },
 ];
+
+/// Tables only the SQLite schema has: its change clock (PostgreSQL uses transaction ids).
+pub const SQLITE_ONLY_TABLES: &[Table] = &[Table {
+    name: "change_clock",
+    columns: &["id", "value"],
+}];
+
+/// Every table of the schema on one database.
+pub fn tables(dialect: super::Dialect) -> Vec<Table> {
+    let mut tables = TABLES.to_vec();
+    if dialect == super::Dialect::Sqlite {
+        tables.extend_from_slice(SQLITE_ONLY_TABLES);
+    }
+    tables
+}

@@ -1,35 +1,40 @@
 //! The trigger-manager: for each enabled pipeline, find the (step, sub-group) pairs whose
 //! current fingerprint has no run yet (gaps) and create PENDING runs for them (SPEC §5).
 //!
-//! The pure parts (version policy, fingerprints, cron) live in submodules; this module
-//! sequences them over the database. One pipeline's error is reported and the others are
-//! still evaluated.
+//! Evaluation is incremental. An [`Evaluator`] keeps, between cycles, each selection's
+//! packages split into sub-groups ([`view::View`]) and a change horizon. A cycle asks the
+//! database what was written since ([`crate::db::changes`]), brings the views up to date,
+//! and evaluates only the sub-groups touched by a change (their own packages or runs, or
+//! those of a sub-group upstream), plus the gaps an earlier cycle held back. A cycle in
+//! which nothing changed reads a few small tables and nothing else. A pipeline whose
+//! definition changed, a CRON or MANUAL pipeline that fires, and every pipeline on the
+//! first cycle are evaluated in full.
+//!
+//! The pure parts (version policy, fingerprints, cron, definitions, views) live in
+//! submodules; this module sequences them over the database. One pipeline's error is
+//! reported and the others are still evaluated.
 
 pub mod cron;
 pub mod fingerprint;
+pub mod plan;
 pub mod version;
+pub mod view;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use fixedbitset::FixedBitSet;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::db::changes::Changes;
 use crate::db::filter_sql::Selection;
-use crate::db::pipelines::{NewRun, PipelineRow, RunStamp, StepRow, TriggerRequestRow};
+use crate::db::pipelines::{NewRun, RunStamp, TriggerRequestRow};
 use crate::db::{Database, DbError};
-use crate::filter::{self, SubGroup};
+use crate::filter::{Dimension, Rule};
 use fingerprint::{InputRef, SoftwareRef};
-use version::{Candidate, VersionPolicy};
-
-/// Why a pipeline could not be evaluated. The message names the pipeline and what is wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum TriggerError {
-    #[error("pipeline {pipeline}: {message}")]
-    Definition { pipeline: String, message: String },
-    #[error(transparent)]
-    Db(#[from] DbError),
-}
+use plan::{Definitions, PipelinePlan, SelectionKey, StepPlan};
+use view::{GroupId, View};
 
 /// How a cycle behaves.
 #[derive(Debug, Clone)]
@@ -41,6 +46,8 @@ pub struct TriggerOptions {
     pub dry_run: bool,
     /// Evaluate only this pipeline (by name).
     pub only_pipeline: Option<String>,
+    /// List every gap found in the report, not only those a run was created for.
+    pub list_gaps: bool,
 }
 
 impl TriggerOptions {
@@ -51,6 +58,7 @@ impl TriggerOptions {
             max_new_runs_per_pipeline: settings.max_new_runs_per_cycle,
             dry_run,
             only_pipeline: None,
+            list_gaps: dry_run,
         }
     }
 }
@@ -83,15 +91,33 @@ pub struct Gap {
     pub run_id: Option<i64>,
 }
 
+/// How much of a pipeline a cycle looked at.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The trigger did not fire (CRON not ticked, MANUAL without request).
+    #[default]
+    Skipped,
+    /// Every sub-group.
+    Full,
+    /// Only the sub-groups touched by a change, and held-back gaps.
+    Incremental,
+}
+
 /// What one pipeline's evaluation found.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PipelineReport {
     pub pipeline: String,
-    /// False when the trigger did not fire (CRON not ticked, MANUAL without request).
+    /// False when the trigger did not fire.
     pub evaluated: bool,
+    pub mode: Mode,
+    /// (step, sub-group) pairs looked at.
+    pub sub_groups_evaluated: usize,
+    pub gaps_found: usize,
+    /// The gaps runs were created for; every gap found with `list_gaps`.
     pub gaps: Vec<Gap>,
     pub created: usize,
-    /// Gaps left for a later cycle by the per-cycle bound.
+    /// Gaps found in this cycle and left for a later one by the per-cycle bound.
     pub deferred: usize,
 }
 
@@ -101,6 +127,10 @@ pub struct CycleReport {
     pub pipelines: Vec<PipelineReport>,
     /// Pipelines that could not be evaluated, with the reason.
     pub errors: Vec<String>,
+    /// Packages re-selected because they (or a row they join) changed.
+    pub changed_packages: usize,
+    /// Runs written since the last cycle (by any manager).
+    pub changed_runs: usize,
 }
 
 impl CycleReport {
@@ -109,182 +139,520 @@ impl CycleReport {
     }
 }
 
-/// Runs one trigger cycle.
+/// Runs one trigger cycle from a cold start (every pipeline in full). A long-running
+/// manager keeps an [`Evaluator`] instead.
 pub async fn run_cycle(
     db: &Database,
     options: &TriggerOptions,
     now: DateTime<Utc>,
 ) -> Result<CycleReport, DbError> {
-    let mut report = CycleReport::default();
-    let pipelines = db.enabled_pipelines(options.processing_location_id).await?;
-    for pipeline in pipelines {
-        if options
-            .only_pipeline
-            .as_ref()
-            .is_some_and(|name| *name != pipeline.name)
-        {
-            continue;
-        }
-        match evaluate_pipeline(db, &pipeline, options, now).await {
-            Ok(r) => report.pipelines.push(r),
-            Err(TriggerError::Db(e)) => return Err(e),
-            Err(e) => {
-                tracing::warn!(pipeline = %pipeline.name, error = %e, "pipeline skipped");
-                // An operator's request for a broken pipeline gets the reason, not silence.
-                if !options.dry_run {
-                    for request in db.pending_trigger_requests(pipeline.id).await? {
-                        db.finish_trigger_request(request.id, true, &e.to_string())
-                            .await?;
-                    }
+    Evaluator::default().cycle(db, options, now).await
+}
+
+/// A re-selection of more packages than this rebuilds the selection instead.
+const REBUILD_ABOVE: usize = 50_000;
+
+/// One selection's packages, split by each `group_by` its pipelines use.
+#[derive(Debug)]
+struct SelectionCache {
+    /// The dimensions the query reads: every view's, each once.
+    dims: Vec<Dimension>,
+    views: Vec<View>,
+    /// Per view, the groups whose membership changed in this cycle.
+    dirty: Vec<Vec<GroupId>>,
+    /// Built in this cycle: every pipeline on it is evaluated in full.
+    rebuilt: bool,
+}
+
+impl SelectionCache {
+    fn view_index(&self, dims: &[Dimension]) -> usize {
+        self.views
+            .iter()
+            .position(|v| v.dims() == dims)
+            .expect("the selection was built for every step's dimensions")
+    }
+
+    async fn build(
+        db: &Database,
+        rules: &[Rule],
+        instrument_module_id: Option<i64>,
+        dim_sets: &BTreeSet<Vec<Dimension>>,
+    ) -> Result<SelectionCache, DbError> {
+        let mut dims: Vec<Dimension> = Vec::new();
+        for set in dim_sets {
+            for d in set {
+                if !dims.contains(d) {
+                    dims.push(*d);
                 }
-                report.errors.push(e.to_string());
             }
         }
+        let positions: Vec<Vec<usize>> = dim_sets
+            .iter()
+            .map(|set| {
+                set.iter()
+                    .map(|d| dims.iter().position(|x| x == d).unwrap())
+                    .collect()
+            })
+            .collect();
+        let mut rows: Vec<Vec<(i64, Vec<String>)>> = vec![Vec::new(); dim_sets.len()];
+        let selection = Selection {
+            rules,
+            instrument_module_id,
+            group_by: &dims,
+            only_archived: true,
+            only_packages: None,
+        };
+        db.for_each_package(&selection, |row| {
+            for (v, pos) in positions.iter().enumerate() {
+                rows[v].push((
+                    row.id,
+                    pos.iter().map(|p| row.dimensions[*p].clone()).collect(),
+                ));
+            }
+        })
+        .await?;
+        let views: Vec<View> = dim_sets
+            .iter()
+            .zip(rows)
+            .map(|(set, rows)| View::build(set, rows))
+            .collect();
+        Ok(SelectionCache {
+            dims,
+            dirty: vec![Vec::new(); views.len()],
+            views,
+            rebuilt: true,
+        })
     }
-    Ok(report)
+
+    /// Re-selects the changed packages and applies them to every view.
+    async fn refresh(
+        &mut self,
+        db: &Database,
+        rules: &[Rule],
+        instrument_module_id: Option<i64>,
+        changes: &Changes,
+    ) -> Result<(), DbError> {
+        let mut current: HashMap<i64, Vec<String>> = HashMap::new();
+        let selection = Selection {
+            rules,
+            instrument_module_id,
+            group_by: &self.dims,
+            only_archived: true,
+            only_packages: Some(&changes.packages),
+        };
+        db.for_each_package(&selection, |row| {
+            current.insert(row.id, row.dimensions);
+        })
+        .await?;
+        let mut changed: Vec<i64> = changes
+            .packages
+            .iter()
+            .chain(&changes.deleted_packages)
+            .copied()
+            .collect();
+        changed.sort_unstable();
+        changed.dedup();
+        for (v, view) in self.views.iter_mut().enumerate() {
+            let positions: Vec<usize> = view
+                .dims()
+                .iter()
+                .map(|d| self.dims.iter().position(|x| x == d).unwrap())
+                .collect();
+            let projected: HashMap<i64, Vec<String>> = current
+                .iter()
+                .map(|(id, values)| (*id, positions.iter().map(|p| values[*p].clone()).collect()))
+                .collect();
+            self.dirty[v] = view.apply(&changed, &projected);
+        }
+        Ok(())
+    }
 }
 
-/// What a trigger request restricts an evaluation to.
-#[derive(Debug, Clone, Copy)]
-struct Request<'a> {
-    row: &'a TriggerRequestRow,
+/// What the evaluator remembers of a pipeline between cycles.
+#[derive(Debug)]
+struct PipelineMemo {
+    digest: u64,
+    selection: SelectionKey,
+    /// Per step, the groups with a gap no run was created for yet (bound or cooldown).
+    held_back: Vec<FixedBitSet>,
 }
 
-impl Request<'_> {
-    fn covers_step(&self, step_id: i64) -> bool {
-        self.row.reduction_step_id.is_none_or(|s| s == step_id)
+/// The trigger-manager's memory between cycles. Dropped (and rebuilt from the database by
+/// one full cycle) whenever a cycle fails midway, so it never drifts from the database.
+#[derive(Debug, Default)]
+pub struct Evaluator {
+    horizon: Option<i64>,
+    selections: HashMap<SelectionKey, SelectionCache>,
+    memos: HashMap<i64, PipelineMemo>,
+    errors: HashMap<i64, String>,
+    pruned_at: Option<DateTime<Utc>>,
+}
+
+impl Evaluator {
+    /// Runs one cycle.
+    pub async fn cycle(
+        &mut self,
+        db: &Database,
+        options: &TriggerOptions,
+        now: DateTime<Utc>,
+    ) -> Result<CycleReport, DbError> {
+        let result = self.cycle_inner(db, options, now).await;
+        if result.is_err() {
+            *self = Evaluator::default();
+        }
+        result
     }
-    fn covers_sub_group(&self, key: &str) -> bool {
-        self.row.sub_group_key.as_deref().is_none_or(|k| k == key)
+
+    async fn cycle_inner(
+        &mut self,
+        db: &Database,
+        options: &TriggerOptions,
+        now: DateTime<Utc>,
+    ) -> Result<CycleReport, DbError> {
+        let mut report = CycleReport::default();
+        // The horizon comes first: whatever is written after it is seen again next cycle.
+        let horizon = db.change_horizon().await?;
+        let changes = match self.horizon {
+            Some(h) => Some(db.changes_since(h).await?),
+            None => None,
+        };
+        let changes = match changes {
+            // A deleted run may have been anything's history: start afresh.
+            Some(c) if c.runs_deleted => {
+                self.selections.clear();
+                self.memos.clear();
+                None
+            }
+            other => other,
+        };
+        if let Some(c) = &changes {
+            report.changed_packages = c.packages.len() + c.deleted_packages.len();
+            report.changed_runs = c.runs.len();
+        }
+
+        let defs = load_definitions(db, options.processing_location_id).await?;
+        let mut plans = Vec::new();
+        for pipeline in &defs.pipelines {
+            if options
+                .only_pipeline
+                .as_ref()
+                .is_some_and(|name| *name != pipeline.name)
+            {
+                continue;
+            }
+            let requests = defs
+                .requests
+                .get(&pipeline.id)
+                .map_or(&[][..], Vec::as_slice);
+            let planned = plan::firing(pipeline, now)
+                .and_then(|firing| plan::plan(pipeline, &defs).map(|p| (p, firing)));
+            match planned {
+                Ok(p) => {
+                    self.errors.remove(&pipeline.id);
+                    plans.push(p);
+                }
+                Err(message) => {
+                    let e = format!("pipeline {}: {message}", pipeline.name);
+                    if self.errors.get(&pipeline.id) != Some(&e) {
+                        tracing::warn!(pipeline = %pipeline.name, error = %e, "pipeline skipped");
+                        self.errors.insert(pipeline.id, e.clone());
+                    }
+                    // An operator's request for a broken pipeline gets the reason, not silence.
+                    if !options.dry_run {
+                        for request in requests {
+                            db.finish_trigger_request(request.id, true, &e).await?;
+                        }
+                    }
+                    self.memos.remove(&pipeline.id);
+                    report.errors.push(e);
+                }
+            }
+        }
+
+        self.refresh_selections(db, &plans, changes.as_ref())
+            .await?;
+
+        // Runs written since the last cycle, by step.
+        let mut changed_runs: HashMap<i64, Vec<&str>> = HashMap::new();
+        if let Some(c) = &changes {
+            for (step, key) in &c.runs {
+                changed_runs.entry(*step).or_default().push(key);
+            }
+        }
+
+        for (plan, firing) in &plans {
+            let requests = defs
+                .requests
+                .get(&plan.row.id)
+                .map_or(&[][..], Vec::as_slice);
+            let cache = &self.selections[&plan.selection];
+            let r = evaluate_pipeline(
+                db,
+                plan,
+                *firing,
+                requests,
+                cache,
+                &mut self.memos,
+                changes.is_some(),
+                &changed_runs,
+                options,
+                now,
+            )
+            .await?;
+            report.pipelines.push(r);
+        }
+        // Pipelines gone or disabled are forgotten.
+        let live: HashSet<i64> = plans.iter().map(|(p, _)| p.row.id).collect();
+        self.memos.retain(|id, _| live.contains(id));
+
+        if !options.dry_run
+            && self
+                .pruned_at
+                .is_none_or(|t| now - t > chrono::Duration::hours(1))
+        {
+            db.prune_tombstones(now - chrono::Duration::days(1)).await?;
+            self.pruned_at = Some(now);
+        }
+        self.horizon = Some(horizon);
+        Ok(report)
+    }
+
+    /// Builds the selections new pipelines need, brings the others up to date from the
+    /// changed packages, and forgets those no pipeline uses any more.
+    async fn refresh_selections(
+        &mut self,
+        db: &Database,
+        plans: &[(PipelinePlan<'_>, plan::Firing)],
+        changes: Option<&Changes>,
+    ) -> Result<(), DbError> {
+        let mut wanted: HashMap<&SelectionKey, (&[Rule], BTreeSet<Vec<Dimension>>)> =
+            HashMap::new();
+        for (plan, _) in plans {
+            let entry = wanted
+                .entry(&plan.selection)
+                .or_insert_with(|| (&plan.rules, BTreeSet::new()));
+            entry.1.extend(plan.steps.iter().map(|s| s.dims.clone()));
+        }
+        self.selections.retain(|key, _| wanted.contains_key(key));
+        for (key, (rules, dim_sets)) in wanted {
+            let changed = changes.map_or(0, |c| c.packages.len() + c.deleted_packages.len());
+            let reusable = changes.is_some()
+                && changed <= REBUILD_ABOVE
+                && self.selections.get(key).is_some_and(|c| {
+                    dim_sets
+                        .iter()
+                        .all(|d| c.views.iter().any(|v| v.dims() == d))
+                });
+            if reusable {
+                let cache = self.selections.get_mut(key).expect("checked above");
+                cache.rebuilt = false;
+                cache.dirty.iter_mut().for_each(Vec::clear);
+                if changed > 0 {
+                    let c = changes.expect("checked above");
+                    cache
+                        .refresh(db, rules, key.instrument_module_id, c)
+                        .await?;
+                }
+            } else {
+                let cache =
+                    SelectionCache::build(db, rules, key.instrument_module_id, &dim_sets).await?;
+                self.selections.insert(key.clone(), cache);
+            }
+        }
+        Ok(())
     }
 }
 
+async fn load_definitions(db: &Database, location: i64) -> Result<Definitions, DbError> {
+    let mut defs = Definitions {
+        pipelines: db.enabled_pipelines(location).await?,
+        ..Default::default()
+    };
+    for step in db.enabled_steps(location).await? {
+        defs.steps.entry(step.pipeline_id).or_default().push(step);
+    }
+    for (step, upstream) in db.enabled_step_dependencies(location).await? {
+        defs.upstream.entry(step).or_default().push(upstream);
+    }
+    for version in db.enabled_software_versions(location).await? {
+        defs.versions
+            .entry(version.reduction_software_id)
+            .or_default()
+            .push(version);
+    }
+    for request in db.enabled_trigger_requests(location).await? {
+        defs.requests
+            .entry(request.pipeline_id)
+            .or_default()
+            .push(request);
+    }
+    Ok(defs)
+}
+
+/// One pass over a pipeline's steps: which groups to look for gaps in.
+#[derive(Debug)]
+struct Pass<'a> {
+    /// Per step, the groups whose gaps are considered.
+    targets: Vec<FixedBitSet>,
+    /// The request this pass serves (forced or targeted), if any.
+    request: Option<&'a TriggerRequestRow>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn evaluate_pipeline(
     db: &Database,
-    pipeline: &PipelineRow,
+    plan: &PipelinePlan<'_>,
+    firing: plan::Firing,
+    requests: &[TriggerRequestRow],
+    cache: &SelectionCache,
+    memos: &mut HashMap<i64, PipelineMemo>,
+    warm: bool,
+    changed_runs: &HashMap<i64, Vec<&str>>,
     options: &TriggerOptions,
     now: DateTime<Utc>,
-) -> Result<PipelineReport, TriggerError> {
-    let definition = |message: String| TriggerError::Definition {
-        pipeline: pipeline.name.clone(),
-        message,
-    };
+) -> Result<PipelineReport, DbError> {
+    let pipeline = plan.row;
     let mut report = PipelineReport {
         pipeline: pipeline.name.clone(),
         ..Default::default()
     };
-
-    // When does the trigger fire?
-    let mut cron_tick = None;
-    let requests = db.pending_trigger_requests(pipeline.id).await?;
-    let scheduled = match pipeline.trigger_type.as_str() {
-        "CONTINUOUS" => true,
-        "CRON" => {
-            let expression = pipeline
-                .trigger_config
-                .0
-                .get("cron")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    definition(
-                        "trigger_config of a CRON pipeline needs a \"cron\" expression".into(),
-                    )
-                })?;
-            let schedule = cron::parse(expression).map_err(definition)?;
-            cron_tick = cron::due_tick(&schedule, pipeline.last_cron_tick, now);
-            cron_tick.is_some()
-        }
-        "MANUAL" => false,
-        other => return Err(definition(format!("unknown trigger_type {other:?}"))),
-    };
-    if !scheduled && requests.is_empty() {
+    if !firing.scheduled && requests.is_empty() {
         return Ok(report);
     }
     report.evaluated = true;
+    let views: Vec<&View> = plan
+        .steps
+        .iter()
+        .map(|s| &cache.views[cache.view_index(&s.dims)])
+        .collect();
+    let view_index: Vec<usize> = plan
+        .steps
+        .iter()
+        .map(|s| cache.view_index(&s.dims))
+        .collect();
 
-    let rules = filter::parse_rules(&pipeline.filter_rules.0).map_err(|e| {
-        definition(format!(
-            "data grouping {}: {e}",
-            pipeline.data_grouping_name
-        ))
-    })?;
-    let steps = db.pipeline_steps(pipeline.id).await?;
-    let dependencies = db.step_dependencies(pipeline.id).await?;
-
-    // A scheduled evaluation covers everything; requests add forced or targeted runs.
-    let mut passes: Vec<Option<Request<'_>>> = Vec::new();
-    if scheduled {
-        passes.push(None);
+    // Incremental only for a continuous pipeline whose definition and selection are as
+    // they were; a firing cron or manual pipeline is looked at in full.
+    let incremental = warm
+        && pipeline.trigger_type == "CONTINUOUS"
+        && !cache.rebuilt
+        && memos
+            .get(&pipeline.id)
+            .is_some_and(|m| m.digest == plan.digest && m.selection == plan.selection);
+    if !incremental {
+        memos.insert(
+            pipeline.id,
+            PipelineMemo {
+                digest: plan.digest,
+                selection: plan.selection.clone(),
+                held_back: views
+                    .iter()
+                    .map(|v| FixedBitSet::with_capacity(v.group_count()))
+                    .collect(),
+            },
+        );
     }
-    // A scheduled pass already covers what a plain request asks for; forced ones add runs.
-    passes.extend(
-        requests
+    let memo = memos.get_mut(&pipeline.id).expect("inserted above");
+    for (bits, view) in memo.held_back.iter_mut().zip(&views) {
+        bits.grow(view.group_count());
+    }
+    report.mode = if incremental {
+        Mode::Incremental
+    } else {
+        Mode::Full
+    };
+
+    let mut budget = if options.dry_run {
+        0
+    } else {
+        options.max_new_runs_per_pipeline
+    };
+    let mut passes: Vec<Pass<'_>> = Vec::new();
+    if firing.scheduled {
+        let targets = if incremental {
+            incremental_targets(
+                plan,
+                &views,
+                &view_index,
+                cache,
+                &memo.held_back,
+                changed_runs,
+                budget,
+            )
+        } else {
+            views.iter().map(|v| all_groups(v)).collect()
+        };
+        passes.push(Pass {
+            targets,
+            request: None,
+        });
+    }
+    // A full scheduled pass already covers what a plain request asks for; forced requests
+    // add runs, and under incremental evaluation a plain one re-checks its whole scope.
+    for row in requests
+        .iter()
+        .filter(|r| r.force || !firing.scheduled || incremental)
+    {
+        let targets = plan
+            .steps
             .iter()
-            .filter(|row| !scheduled || row.force)
-            .map(|row| Some(Request { row })),
-    );
-
-    // Upstream steps of each step, checked to come earlier in step order.
-    let mut upstream_of: HashMap<i64, Vec<i64>> = HashMap::new();
-    for (step_id, upstream_id) in dependencies {
-        upstream_of.entry(step_id).or_default().push(upstream_id);
-    }
-    for step in &steps {
-        for up in upstream_of.get(&step.id).into_iter().flatten() {
-            let up_step = steps.iter().find(|s| s.id == *up);
-            if up_step.is_none_or(|u| (u.step_order, u.id) >= (step.step_order, step.id)) {
-                return Err(definition(format!(
-                    "step {} depends on a step that does not come before it in step_order",
-                    step.name
-                )));
-            }
-        }
-    }
-
-    let mut budget = options.max_new_runs_per_pipeline;
-    for pass in &passes {
-        let mut states: HashMap<i64, StepState> = HashMap::new();
-        for step in &steps {
-            let upstream: Vec<&StepState> = upstream_of
-                .get(&step.id)
-                .into_iter()
-                .flatten()
-                .map(|id| states.get(id).expect("upstream steps are evaluated first"))
-                .collect();
-            let (gaps, state) = evaluate_step(db, pipeline, step, &rules, *pass, &upstream, now)
-                .await
-                .map_err(|e| match e {
-                    TriggerError::Definition { message, .. } => {
-                        definition(format!("step {}: {message}", step.name))
-                    }
-                    other => other,
-                })?;
-            states.insert(step.id, state);
-            if pass.is_some_and(|r| !r.covers_step(step.id)) {
-                continue;
-            }
-            for (mut gap, new_run) in gaps {
-                if gap.cooldown_until.is_none() && !options.dry_run {
-                    if budget == 0 {
-                        report.deferred += 1;
-                        report.gaps.push(gap);
-                        continue;
-                    }
-                    gap.run_id = db.create_run(&new_run, now).await?;
-                    if gap.run_id.is_some() {
-                        report.created += 1;
-                        budget -= 1;
-                        tracing::info!(pipeline = %gap.pipeline, step = %gap.step, sub_group = %gap.sub_group_key,
-                            run_id = gap.run_id, reason = ?gap.reason, "run created");
+            .zip(&views)
+            .map(|(step, view)| {
+                let mut bits = FixedBitSet::with_capacity(view.group_count());
+                if row.reduction_step_id.is_none_or(|s| s == step.row.id) {
+                    match &row.sub_group_key {
+                        Some(key) => {
+                            if let Some(g) = view.group_by_key(key) {
+                                bits.insert(g as usize);
+                            }
+                        }
+                        None => bits.insert_range(..),
                     }
                 }
-                report.gaps.push(gap);
-            }
+                bits
+            })
+            .collect();
+        passes.push(Pass {
+            targets,
+            request: Some(row),
+        });
+    }
+
+    for pass in &passes {
+        let needed = needed_groups(plan, &views, &pass.targets);
+        let mut states: Vec<StepState> = Vec::with_capacity(plan.steps.len());
+        for (i, step) in plan.steps.iter().enumerate() {
+            let upstream: Vec<(&StepState, &View)> = step
+                .upstream
+                .iter()
+                .map(|u| (&states[*u], views[*u]))
+                .collect();
+            let outcome = evaluate_step(
+                db,
+                plan,
+                step,
+                views[i],
+                &needed[i],
+                &pass.targets[i],
+                pass.request,
+                &upstream,
+                &mut memo.held_back[i],
+                &mut budget,
+                options,
+                now,
+            )
+            .await?;
+            report.sub_groups_evaluated += outcome.evaluated;
+            report.gaps_found += outcome.gaps_found;
+            report.deferred += outcome.deferred;
+            report.created += outcome.created;
+            report.gaps.extend(outcome.gaps);
+            states.push(outcome.state);
         }
     }
 
     if !options.dry_run {
-        for row in &requests {
+        for row in requests {
             db.finish_trigger_request(
                 row.id,
                 false,
@@ -292,9 +660,86 @@ async fn evaluate_pipeline(
             )
             .await?;
         }
-        db.record_evaluation(pipeline.id, cron_tick, now).await?;
+        db.record_evaluation(pipeline.id, firing.cron_tick, now)
+            .await?;
     }
     Ok(report)
+}
+
+fn all_groups(view: &View) -> FixedBitSet {
+    let mut bits = FixedBitSet::with_capacity(view.group_count());
+    bits.insert_range(..);
+    bits
+}
+
+/// The groups of `to` that hold the packages of the groups `from` marks in `from_view`.
+fn cover(from: &FixedBitSet, from_view: &View, to_view: &View, into: &mut FixedBitSet) {
+    if std::ptr::eq(from_view, to_view) {
+        into.union_with(from);
+        return;
+    }
+    for g in from.ones() {
+        for p in &from_view.group(g as GroupId).members {
+            if let Some(t) = to_view.group_of(*p) {
+                into.insert(t as usize);
+            }
+        }
+    }
+}
+
+/// The groups an incremental pass looks at: those whose packages or runs changed, those
+/// downstream of them, and held-back gaps (up to the bound).
+fn incremental_targets(
+    plan: &PipelinePlan<'_>,
+    views: &[&View],
+    view_index: &[usize],
+    cache: &SelectionCache,
+    held_back: &[FixedBitSet],
+    changed_runs: &HashMap<i64, Vec<&str>>,
+    budget: usize,
+) -> Vec<FixedBitSet> {
+    let mut targets: Vec<FixedBitSet> = Vec::with_capacity(plan.steps.len());
+    let mut picks = budget;
+    for (i, step) in plan.steps.iter().enumerate() {
+        let view = views[i];
+        let mut bits = FixedBitSet::with_capacity(view.group_count());
+        for g in &cache.dirty[view_index[i]] {
+            bits.insert(*g as usize);
+        }
+        for key in changed_runs.get(&step.row.id).into_iter().flatten() {
+            if let Some(g) = view.group_by_key(key) {
+                bits.insert(g as usize);
+            }
+        }
+        for g in held_back[i].ones() {
+            if picks == 0 {
+                break;
+            }
+            bits.insert(g);
+            picks -= 1;
+        }
+        for u in &step.upstream {
+            cover(&targets[*u], views[*u], view, &mut bits);
+        }
+        targets.push(bits);
+    }
+    targets
+}
+
+/// Every group whose state a pass needs: its targets and, upwards, the groups feeding them.
+fn needed_groups(
+    plan: &PipelinePlan<'_>,
+    views: &[&View],
+    targets: &[FixedBitSet],
+) -> Vec<FixedBitSet> {
+    let mut needed: Vec<FixedBitSet> = targets.to_vec();
+    for i in (0..plan.steps.len()).rev() {
+        for u in &plan.steps[i].upstream {
+            let (before, after) = needed.split_at_mut(i);
+            cover(&after[0], views[i], views[*u], &mut before[*u]);
+        }
+    }
+    needed
 }
 
 /// Where a sub-group of an evaluated step stands, for the steps downstream of it.
@@ -308,144 +753,145 @@ enum Progress {
     FailedForGood,
 }
 
-/// One evaluated step, as its downstream steps see it.
+/// One evaluated step, as its downstream steps see it (for the groups a pass needed).
 #[derive(Debug, Default)]
 struct StepState {
     name: String,
-    /// The step's sub-group of every selected package.
-    key_of_package: HashMap<i64, String>,
-    progress: HashMap<String, Progress>,
+    progress: HashMap<GroupId, Progress>,
     /// The products of its completed runs, by run.
     products: HashMap<i64, Vec<i64>>,
 }
 
 impl StepState {
-    /// The inputs a downstream sub-group made of `packages` gets from this step: its
-    /// products, whether to wait, and the upstream sub-groups left out.
+    /// Adds what a downstream sub-group made of `packages` gets from this step: its
+    /// products and the upstream sub-groups left out; returns whether to wait.
     fn inputs_for(
         &self,
+        view: &View,
         packages: &[i64],
         products: &mut Vec<i64>,
         excluded: &mut Vec<Value>,
     ) -> bool {
-        let keys: BTreeSet<&String> = packages
-            .iter()
-            .filter_map(|p| self.key_of_package.get(p))
-            .collect();
         let mut wait = false;
-        for key in keys {
-            match self
-                .progress
-                .get(key)
-                .copied()
-                .unwrap_or(Progress::InFlight)
-            {
+        for g in view.groups_of(packages) {
+            match self.progress.get(&g).copied().unwrap_or(Progress::InFlight) {
                 Progress::Completed { run_id } => {
                     products.extend(self.products.get(&run_id).into_iter().flatten().copied());
                 }
                 Progress::InFlight => wait = true,
-                Progress::FailedForGood => {
-                    excluded.push(serde_json::json!({"step": self.name, "sub_group_key": key}));
-                }
+                Progress::FailedForGood => excluded.push(serde_json::json!({
+                    "step": self.name,
+                    "sub_group_key": view.group(g).key,
+                })),
             }
         }
         wait
     }
 }
 
-/// The gaps of one step, and its state for the steps downstream of it. A first step's
-/// inputs are the raw data packages of each sub-group; a step with `depends_on` takes the
-/// products of the completed upstream runs covering the sub-group's packages, waits while
-/// any of them is in flight, and leaves out those that failed for good.
+/// What evaluating one step found.
+#[derive(Debug, Default)]
+struct StepOutcome {
+    state: StepState,
+    evaluated: usize,
+    gaps_found: usize,
+    gaps: Vec<Gap>,
+    created: usize,
+    deferred: usize,
+}
+
+/// The gaps of one step over the groups of a pass, and its state for the steps
+/// downstream. A first step's inputs are the raw data packages of each sub-group; a step
+/// with `depends_on` takes the products of the completed upstream runs covering the
+/// sub-group's packages, waits while any of them is in flight, and leaves out those that
+/// failed for good. Fingerprints are computed only where they decide something: a
+/// sub-group with no run at all is a gap whatever its fingerprint.
+#[allow(clippy::too_many_arguments)]
 async fn evaluate_step(
     db: &Database,
-    pipeline: &PipelineRow,
-    step: &StepRow,
-    rules: &[filter::Rule],
-    request: Option<Request<'_>>,
-    upstream: &[&StepState],
+    plan: &PipelinePlan<'_>,
+    step: &StepPlan<'_>,
+    view: &View,
+    needed: &FixedBitSet,
+    targets: &FixedBitSet,
+    request: Option<&TriggerRequestRow>,
+    upstream: &[(&StepState, &View)],
+    held_back: &mut FixedBitSet,
+    budget: &mut usize,
+    options: &TriggerOptions,
     now: DateTime<Utc>,
-) -> Result<(Vec<(Gap, NewRun)>, StepState), TriggerError> {
-    let definition = |message: String| TriggerError::Definition {
-        pipeline: pipeline.name.clone(),
-        message,
+) -> Result<StepOutcome, DbError> {
+    let mut out = StepOutcome {
+        state: StepState {
+            name: step.row.name.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
     };
-    let dims = filter::parse_group_by(&step.group_by.0).map_err(definition)?;
-    let policy = VersionPolicy::from_db(&step.version_policy)
-        .ok_or_else(|| definition(format!("unknown version_policy {:?}", step.version_policy)))?;
-    let versions = db.software_versions(step.reduction_software_id).await?;
-    let candidates: Vec<Candidate> = versions
-        .iter()
-        .map(|v| Candidate {
-            id: v.id,
-            version: v.version.clone(),
-            deprecated: v.deprecated,
-        })
-        .collect();
-    let chosen = version::resolve(policy, step.reduction_software_version_id, &candidates)
-        .map_err(definition)?;
-    let software = versions
-        .iter()
-        .find(|v| v.id == chosen.id)
-        .expect("chosen from these versions");
-    let config = step
-        .parameters
-        .as_ref()
-        .map_or(Value::Object(Default::default()), |p| p.0.clone());
-
-    let selection = Selection {
-        rules,
-        instrument_module_id: pipeline.instrument_module_id,
-        group_by: &dims,
-        only_archived: true,
-    };
-    let mut groups: BTreeMap<SubGroup, Vec<i64>> = BTreeMap::new();
-    for row in db.select_packages(&selection).await? {
-        let sub_group = SubGroup {
-            values: dims.iter().copied().zip(row.dimensions).collect(),
-        };
-        groups.entry(sub_group).or_default().push(row.id);
+    if needed.is_clear() {
+        return Ok(out);
     }
-
-    let mut history: HashMap<String, Vec<RunStamp>> = HashMap::new();
-    for stamp in db.step_run_stamps(step.id).await? {
+    // The step's runs of the needed groups.
+    let all = needed.count_ones(..) == view.group_count();
+    let stamps = if all {
+        db.step_run_stamps(step.row.id).await?
+    } else {
+        let keys: Vec<&str> = needed
+            .ones()
+            .map(|g| view.group(g as GroupId).key.as_str())
+            .collect();
+        db.step_run_stamps_for(step.row.id, &keys).await?
+    };
+    let mut history: HashMap<&str, Vec<&RunStamp>> = HashMap::new();
+    for stamp in &stamps {
         history
-            .entry(stamp.sub_group_key.clone())
+            .entry(stamp.sub_group_key.as_str())
             .or_default()
             .push(stamp);
     }
 
-    let forced_by = request.filter(|r| r.row.force).map(|r| r.row.id);
-    let software_ref = SoftwareRef {
-        version_id: software.id,
-        version: &software.version,
-        image_ref: &software.image_ref,
-        image_digest: software.image_digest.as_deref(),
+    let forced_by = request.filter(|r| r.force).map(|r| r.id);
+    let software = SoftwareRef {
+        version_id: step.software.id,
+        version: &step.software.version,
+        image_ref: &step.software.image_ref,
+        image_digest: step.software.image_digest.as_deref(),
     };
-    let cooldown = chrono::Duration::seconds(i64::from(step.cooldown_seconds.max(0)));
-    let mut state = StepState {
-        name: step.name.clone(),
-        ..Default::default()
-    };
-    let mut gaps = Vec::new();
-    for (sub_group, packages) in groups {
-        let key = sub_group.key();
-        state
-            .key_of_package
-            .extend(packages.iter().map(|p| (*p, key.clone())));
+    let cooldown = chrono::Duration::seconds(i64::from(step.row.cooldown_seconds.max(0)));
+    let salted_config = forced_by.map(|id| {
+        let mut salted = step.config.clone();
+        if let Value::Object(map) = &mut salted {
+            map.insert("__forced_by_trigger_request".into(), Value::from(id));
+        }
+        salted
+    });
+    let mut to_create: Vec<(Gap, NewRun)> = Vec::new();
 
+    for g in needed.ones() {
+        let group = view.group(g as GroupId);
+        let is_target = targets.contains(g);
+        if group.members.is_empty() {
+            // Every package left: nothing to process any more.
+            held_back.set(g, false);
+            continue;
+        }
+        out.evaluated += 1;
         let mut products = Vec::new();
         let mut excluded = Vec::new();
         let mut wait = false;
-        for up in upstream {
-            wait |= up.inputs_for(&packages, &mut products, &mut excluded);
+        for (state, up_view) in upstream {
+            wait |= state.inputs_for(up_view, &group.members, &mut products, &mut excluded);
         }
         if wait {
-            state.progress.insert(key, Progress::InFlight);
+            out.state.progress.insert(g as GroupId, Progress::InFlight);
+            if is_target {
+                held_back.set(g, false);
+            }
             continue;
         }
         let inputs: Vec<InputRef> = if upstream.is_empty() {
-            packages
+            group
+                .members
                 .iter()
                 .map(|id| InputRef::RawDataPackage(*id))
                 .collect()
@@ -457,38 +903,47 @@ async fn evaluate_step(
         };
         if inputs.is_empty() {
             // Every upstream sub-group failed for good: nothing to process.
-            state.progress.insert(key, Progress::FailedForGood);
-            continue;
-        }
-
-        let fp = fingerprint::fingerprint(&inputs, &software_ref, &config);
-        let runs = history.get(&key).map(Vec::as_slice).unwrap_or_default();
-        let current = runs
-            .iter()
-            .filter(|r| r.fingerprint == fp)
-            .max_by_key(|r| r.id);
-        state.progress.insert(key.clone(), progress_of(current));
-        if let Some(run) = current.filter(|r| r.status == "COMPLETED") {
-            state.products.insert(run.id, Vec::new());
-        }
-
-        if request.is_some_and(|r| !r.covers_sub_group(&key)) {
-            continue;
-        }
-        // A forced run differs from every other run by the request that forced it.
-        let fp = match forced_by {
-            Some(id) => {
-                let mut salted = config.clone();
-                if let Value::Object(map) = &mut salted {
-                    map.insert("__forced_by_trigger_request".into(), Value::from(id));
-                }
-                fingerprint::fingerprint(&inputs, &software_ref, &salted)
+            out.state
+                .progress
+                .insert(g as GroupId, Progress::FailedForGood);
+            if is_target {
+                held_back.set(g, false);
             }
-            None => fp,
-        };
-        if runs.iter().any(|r| r.fingerprint == fp) {
             continue;
         }
+
+        let runs: &[&RunStamp] = history.get(group.key.as_str()).map_or(&[], Vec::as_slice);
+        let fingerprint_of = |config: &Value| fingerprint::fingerprint(&inputs, &software, config);
+        let mut current_fp = None;
+        let progress = if runs.is_empty() {
+            Progress::InFlight
+        } else {
+            let fp = fingerprint_of(&step.config);
+            let current = runs
+                .iter()
+                .filter(|r| r.fingerprint == fp)
+                .max_by_key(|r| r.id);
+            current_fp = Some(fp);
+            progress_of(current.copied())
+        };
+        out.state.progress.insert(g as GroupId, progress);
+        if !is_target {
+            continue;
+        }
+
+        // Is there a gap? A forced run differs from every other run by its request.
+        let fp = match (&salted_config, &current_fp) {
+            (Some(salted), _) => Some(fingerprint_of(salted)),
+            (None, Some(fp)) => Some(fp.clone()),
+            (None, None) => None,
+        };
+        if let Some(fp) = &fp
+            && runs.iter().any(|r| r.fingerprint == *fp)
+        {
+            held_back.set(g, false);
+            continue;
+        }
+        out.gaps_found += 1;
         let reason = match (forced_by, runs.is_empty()) {
             (Some(_), _) => GapReason::Forced,
             (None, true) => GapReason::New,
@@ -499,42 +954,86 @@ async fn evaluate_step(
             (GapReason::Forced, _) | (_, None) => None,
             (_, Some(last)) => Some(last + cooldown).filter(|until| *until > now),
         };
+        let create = cooldown_until.is_none() && *budget > 0;
+        if create {
+            *budget -= 1;
+        } else {
+            held_back.insert(g);
+            if cooldown_until.is_none() && !options.dry_run {
+                out.deferred += 1;
+            }
+        }
+        if !create && !options.list_gaps {
+            continue;
+        }
+        let fp = fp.unwrap_or_else(|| fingerprint_of(&step.config));
         let gap = Gap {
-            pipeline: pipeline.name.clone(),
-            step: step.name.clone(),
-            sub_group_key: key.clone(),
+            pipeline: plan.row.name.clone(),
+            step: step.row.name.clone(),
+            sub_group_key: group.key.clone(),
             fingerprint: fp.clone(),
-            software_version: software.version.clone(),
+            software_version: step.software.version.clone(),
             inputs: inputs.len(),
             reason,
             cooldown_until,
             run_id: None,
         };
+        if !create {
+            out.gaps.push(gap);
+            continue;
+        }
+        held_back.set(g, false);
         let run = NewRun {
-            reduction_step_id: step.id,
-            sub_group_key: key,
-            sub_group: sub_group.to_json(),
+            reduction_step_id: step.row.id,
+            sub_group_key: group.key.clone(),
+            sub_group: group.sub_group.to_json(),
             fingerprint: fp,
-            reduction_software_version_id: software.id,
-            config_snapshot: config.clone(),
-            max_retries: step.max_retries,
+            reduction_software_version_id: step.software.id,
+            config_snapshot: step.config.clone(),
+            max_retries: step.row.max_retries,
             raw_inputs: if upstream.is_empty() {
-                packages
+                group.members.clone()
             } else {
                 Vec::new()
             },
             product_inputs: products,
             excluded_upstream: Value::Array(excluded),
         };
-        gaps.push((gap, run));
+        to_create.push((gap, run));
+    }
+
+    if !to_create.is_empty() {
+        let runs: Vec<NewRun> = to_create.iter().map(|(_, r)| r.clone()).collect();
+        let ids = db.create_runs(&runs, now).await?;
+        for ((mut gap, _), id) in to_create.into_iter().zip(ids) {
+            gap.run_id = id;
+            if id.is_some() {
+                out.created += 1;
+                tracing::info!(pipeline = %gap.pipeline, step = %gap.step, sub_group = %gap.sub_group_key,
+                    run_id = id, reason = ?gap.reason, "run created");
+            }
+            out.gaps.push(gap);
+        }
     }
 
     // The products of completed runs, for the steps downstream.
-    let completed: Vec<i64> = state.products.keys().copied().collect();
+    let completed: Vec<i64> = out
+        .state
+        .progress
+        .values()
+        .filter_map(|p| match p {
+            Progress::Completed { run_id } => Some(*run_id),
+            _ => None,
+        })
+        .collect();
     for (run_id, product_id) in db.products_of_runs(&completed).await? {
-        state.products.entry(run_id).or_default().push(product_id);
+        out.state
+            .products
+            .entry(run_id)
+            .or_default()
+            .push(product_id);
     }
-    Ok((gaps, state))
+    Ok(out)
 }
 
 fn progress_of(run: Option<&RunStamp>) -> Progress {
