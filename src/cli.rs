@@ -115,6 +115,36 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArg,
     },
+    /// Measure performance against the product's goals (not part of the tests).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time trigger cycles on a generated archive in a scratch PostgreSQL database:
+    /// first full cycle, no-change cycle, cycle after 100 new packages, against the
+    /// floor of one plain query reading the same packages.
+    Trigger {
+        /// PostgreSQL URL of a role that may create databases (a scratch database
+        /// ccat_wfm_bench_<packages> is created and dropped).
+        #[arg(long, env = "CCAT_BENCH_POSTGRES_URL", value_name = "URL")]
+        database_url: String,
+        /// Packages in the generated archive.
+        #[arg(long, default_value_t = 100_000)]
+        packages: i64,
+        /// Pipelines per instrument module (five modules).
+        #[arg(long, default_value_t = 4)]
+        pipelines_per_module: i64,
+        /// Keep the generated database.
+        #[arg(long)]
+        keep: bool,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -215,6 +245,30 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             code
         }
         Command::Health { service, json } => health(&settings, service, json).await,
+        Command::Bench {
+            command:
+                BenchCommand::Trigger {
+                    database_url,
+                    packages,
+                    pipelines_per_module,
+                    keep,
+                    json,
+                },
+        } => {
+            let figures = crate::bench::trigger(&crate::bench::TriggerBench {
+                admin_url: database_url,
+                packages,
+                pipelines_per_module,
+                keep,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            } else {
+                print!("{}", crate::bench::render_trigger(&figures));
+            }
+            Ok(0)
+        }
         Command::TriggerManager { once, db } => {
             let db = open_database(&settings, &db).await?;
             let code = trigger_manager(&settings, &db, once).await;

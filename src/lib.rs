@@ -3,6 +3,7 @@
 //! The crate is at once a library (this), the `ccat-wfm` command line ([`cli`]) and,
 //! with the `python` feature, the extension module `ccat_workflow_manager._core`.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -602,6 +602,10 @@ async fn incremental_cycles_create_what_a_full_evaluation_would_and_look_only_at
         .await
         .unwrap();
         let mut evaluator = trigger::Evaluator::default();
+        // PostgreSQL reports a change again while any older transaction anywhere in the
+        // cluster (another test's) is still open: correct, but the counts of what was
+        // looked at are then exact on SQLite only.
+        let exact = matches!(db, Database::Sqlite(_));
         let mut now = t0();
         let mut step = |what: &'static str| {
             now += Duration::minutes(1);
@@ -665,8 +669,11 @@ async fn incremental_cycles_create_what_a_full_evaluation_would_and_look_only_at
         .unwrap();
         let (what, at) = step("package archived");
         let report = incremental_cycle(&mut evaluator, db, at, what).await;
-        assert_eq!(report.changed_packages, 1, "{url}");
-        assert_eq!(report.pipelines[0].sub_groups_evaluated, 2, "{url}");
+        assert!(report.changed_packages >= 1, "{url}");
+        if exact {
+            assert_eq!(report.changed_packages, 1, "{url}");
+            assert_eq!(report.pipelines[0].sub_groups_evaluated, 2, "{url}");
+        }
 
         // A package leaves the selection: its scan's calibration is redone without it.
         common::exec(
@@ -685,7 +692,10 @@ async fn incremental_cycles_create_what_a_full_evaluation_would_and_look_only_at
         // Packages 1-3 join to it (2 is no longer selected, but is looked at).
         let (what, at) = step("source renamed");
         let report = incremental_cycle(&mut evaluator, db, at, what).await;
-        assert_eq!(report.changed_packages, 3, "{url}");
+        assert!(report.changed_packages >= 3, "{url}");
+        if exact {
+            assert_eq!(report.changed_packages, 3, "{url}");
+        }
 
         // A brand-new scan with a package, written by someone else in one go.
         common::exec(

@@ -3,7 +3,10 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Database, DbError, on_pool};
+use sqlx::Row;
+
+use super::filter_sql::FILTER_TABLES;
+use super::{Database, DbError, Dialect, on_pool};
 
 /// What was written at or after a horizon, for the trigger-manager.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,7 +30,97 @@ impl Changes {
     }
 }
 
+/// The newest change marks, read in one query together with a new horizon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeMarks {
+    /// The horizon to keep for the next cycle (see [`Database::change_horizon`]).
+    pub horizon: i64,
+    /// Newest mark of the packages and of each table their selection joins, in the
+    /// order of [`FILTER_TABLES`].
+    pub filter_tables: [Option<i64>; 7],
+    pub runs: Option<i64>,
+    /// Newest mark of the pipeline definitions and trigger requests and state.
+    pub definitions: Option<i64>,
+    pub tombstones: Option<i64>,
+}
+
+impl ChangeMarks {
+    fn at_or_after(mark: Option<i64>, horizon: i64) -> bool {
+        mark.is_some_and(|m| m >= horizon)
+    }
+    /// Whether packages, runs or deletions may have changed since `horizon`.
+    pub fn data_changed_since(&self, horizon: i64) -> bool {
+        !self.filter_tables_changed_since(horizon).is_empty()
+            || Self::at_or_after(self.runs, horizon)
+            || Self::at_or_after(self.tombstones, horizon)
+    }
+    /// The filter tables written since `horizon`.
+    pub fn filter_tables_changed_since(&self, horizon: i64) -> Vec<&'static str> {
+        FILTER_TABLES
+            .iter()
+            .zip(self.filter_tables)
+            .filter(|(_, mark)| Self::at_or_after(*mark, horizon))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    /// Whether definitions (or anything deleted) may have changed since `horizon`.
+    pub fn definitions_changed_since(&self, horizon: i64) -> bool {
+        Self::at_or_after(self.definitions, horizon) || Self::at_or_after(self.tombstones, horizon)
+    }
+}
+
+/// One statement, no parameters (so its plan is made once per connection): the horizon
+/// and the newest mark of each tracked table, each an index lookup or a tiny table's scan.
+const MARKS: &str = "SELECT {horizon}, \
+    (SELECT MAX(change_mark) FROM raw_data_package), \
+    (SELECT MAX(change_mark) FROM executed_obs_unit), \
+    (SELECT MAX(change_mark) FROM obs_unit), \
+    (SELECT MAX(change_mark) FROM source), \
+    (SELECT MAX(change_mark) FROM line), \
+    (SELECT MAX(change_mark) FROM instrument_module), \
+    (SELECT MAX(change_mark) FROM instrument), \
+    (SELECT MAX(change_mark) FROM executed_reduction_step), \
+    (SELECT MAX(m) FROM ( \
+       SELECT MAX(change_mark) AS m FROM data_grouping UNION ALL \
+       SELECT MAX(change_mark) FROM pipeline UNION ALL \
+       SELECT MAX(change_mark) FROM reduction_step UNION ALL \
+       SELECT MAX(change_mark) FROM reduction_step_config UNION ALL \
+       SELECT MAX(change_mark) FROM reduction_step_dependency UNION ALL \
+       SELECT MAX(change_mark) FROM reduction_software_version UNION ALL \
+       SELECT MAX(change_mark) FROM trigger_request UNION ALL \
+       SELECT MAX(change_mark) FROM pipeline_trigger_state) d), \
+    (SELECT MAX(change_mark) FROM change_tombstone)";
+
 impl Database {
+    /// A new horizon and the newest change marks, in one round trip.
+    pub async fn change_marks(&self) -> Result<ChangeMarks, DbError> {
+        let horizon = match self.dialect() {
+            Dialect::Postgres => "pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            Dialect::Sqlite => "(SELECT value + 1 FROM change_clock WHERE id = 1)",
+        };
+        // A fixed statement.
+        let sql = sqlx::AssertSqlSafe(MARKS.replace("{horizon}", horizon));
+        let marks: Vec<Option<i64>> = on_pool!(self, pool => {
+            match sqlx::query(sql).fetch_one(pool).await {
+                Ok(row) => (0..11)
+                    .map(|i| row.try_get::<Option<i64>, _>(i))
+                    .collect::<Result<Vec<_>, _>>(),
+                Err(e) => Err(e),
+            }
+        })
+        .map_err(DbError::query("reading change marks"))?;
+        let mut filter_tables = [None; 7];
+        filter_tables.copy_from_slice(&marks[1..8]);
+        Ok(ChangeMarks {
+            horizon: marks[0].unwrap_or_default(),
+            filter_tables,
+            runs: marks[8],
+            definitions: marks[9],
+            tombstones: marks[10],
+        })
+    }
+
     /// The horizon to take before reading: every write below it is visible to the reads
     /// that follow; writes at or above it are reported again by [`Database::changes_since`].
     pub async fn change_horizon(&self) -> Result<i64, DbError> {
@@ -46,9 +139,20 @@ impl Database {
         .map_err(DbError::query("reading the change horizon"))
     }
 
-    /// Everything written at or after `horizon`.
-    pub async fn changes_since(&self, horizon: i64) -> Result<Changes, DbError> {
-        let packages = self.changed_packages(horizon).await?;
+    /// Everything written at or after `horizon`, looking only where `marks` (read since)
+    /// say something was.
+    pub async fn changes_since(&self, horizon: i64, marks: &ChangeMarks) -> Result<Changes, DbError> {
+        let packages = self
+            .changed_packages(horizon, &marks.filter_tables_changed_since(horizon))
+            .await?;
+        if !ChangeMarks::at_or_after(marks.runs, horizon)
+            && !ChangeMarks::at_or_after(marks.tombstones, horizon)
+        {
+            return Ok(Changes {
+                packages,
+                ..Default::default()
+            });
+        }
         let (deleted_packages, runs_deleted, runs) = on_pool!(self, pool => {
             let tombstones: Vec<(String, i64)> = sqlx::query_as(
                 "SELECT table_name, row_id FROM change_tombstone \

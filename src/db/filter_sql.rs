@@ -14,6 +14,8 @@ use crate::filter::{ColumnKind, Dimension, FilterTable, FilterValue, Operand, Op
 /// How a table joins towards the root: its alias, the table it hangs off, the join text.
 struct Join {
     table: FilterTable,
+    /// The table's name in the database.
+    name: &'static str,
     alias: &'static str,
     parent: Option<FilterTable>,
     clause: &'static str,
@@ -23,30 +25,35 @@ struct Join {
 const JOINS: &[Join] = &[
     Join {
         table: FilterTable::RawDataPackage,
+        name: "raw_data_package",
         alias: "rdp",
         parent: None,
         clause: "",
     },
     Join {
         table: FilterTable::ExecutedObsUnit,
+        name: "executed_obs_unit",
         alias: "eou",
         parent: Some(FilterTable::RawDataPackage),
         clause: "JOIN executed_obs_unit eou ON eou.id = rdp.executed_obs_unit_id",
     },
     Join {
         table: FilterTable::ObsUnit,
+        name: "obs_unit",
         alias: "ou",
         parent: Some(FilterTable::ExecutedObsUnit),
         clause: "JOIN obs_unit ou ON ou.id = eou.obs_unit_id",
     },
     Join {
         table: FilterTable::Source,
+        name: "source",
         alias: "src",
         parent: Some(FilterTable::ObsUnit),
         clause: "JOIN source src ON src.id = ou.source_id",
     },
     Join {
         table: FilterTable::Line,
+        name: "line",
         alias: "ln",
         parent: Some(FilterTable::ObsUnit),
         // An obs unit need not have a line.
@@ -54,12 +61,14 @@ const JOINS: &[Join] = &[
     },
     Join {
         table: FilterTable::InstrumentModule,
+        name: "instrument_module",
         alias: "im",
         parent: Some(FilterTable::RawDataPackage),
         clause: "JOIN instrument_module im ON im.id = rdp.instrument_module_id",
     },
     Join {
         table: FilterTable::Instrument,
+        name: "instrument",
         alias: "ins",
         parent: Some(FilterTable::InstrumentModule),
         clause: "JOIN instrument ins ON ins.id = im.instrument_id",
@@ -358,21 +367,7 @@ pub fn render(selection: &Selection<'_>, dialect: Dialect) -> RenderedQuery {
         conditions.push(r.rule(rule));
     }
 
-    // Each needed table brings its whole path to the root; every join appears once, in
-    // registry order (parents come before children there).
-    let mut with_parents = Vec::new();
-    for table in needed {
-        let mut current = Some(table);
-        while let Some(t) = current {
-            with_parents.push(t);
-            current = join(t).parent;
-        }
-    }
-    let joins: Vec<&str> = JOINS
-        .iter()
-        .filter(|j| j.parent.is_some() && with_parents.contains(&j.table))
-        .map(|j| j.clause)
-        .collect();
+    let joins = joins_for(needed);
 
     let mut sql = format!("SELECT {} FROM raw_data_package rdp", columns.join(", "));
     for clause in joins {
@@ -387,6 +382,142 @@ pub fn render(selection: &Selection<'_>, dialect: Dialect) -> RenderedQuery {
         sql,
         binds: r.binds,
     }
+}
+
+/// One selection among several read together (see [`render_shared`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SelectionSpec<'a> {
+    pub rules: &'a [Rule],
+    pub instrument_module_id: Option<i64>,
+}
+
+/// Condition outcomes per mask column (bits of a non-negative BIGINT).
+const MASK_BITS: usize = 62;
+
+/// A query over several selections at once (see [`render_shared`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedQuery {
+    pub query: RenderedQuery,
+    /// Per selection, the conditions (bit `i % 62` of mask column `i / 62`, after the
+    /// dimensions) that must all hold for it to hold a package; empty when it has none.
+    pub selection_conditions: Vec<Vec<usize>>,
+    pub conditions: usize,
+}
+
+/// Renders one query that reads the archived packages of several selections in a single
+/// pass: `SELECT id, <dimension values…>, <1 or 0 per distinct condition…>`. Each distinct
+/// rule is evaluated once per package, however many selections share it, and one scan
+/// serves every pipeline.
+pub fn render_shared(
+    selections: &[SelectionSpec<'_>],
+    group_by: &[Dimension],
+    only_packages: Option<&[i64]>,
+    dialect: Dialect,
+) -> SharedQuery {
+    let mut r = Renderer {
+        dialect,
+        binds: Vec::new(),
+    };
+    let mut needed: Vec<FilterTable> = Vec::new();
+    let mut columns = vec!["rdp.id".to_owned()];
+    for dim in group_by {
+        let (table, expr) = dimension_sql(*dim, dialect);
+        needed.push(table);
+        columns.push(expr.to_owned());
+    }
+    // Distinct conditions, keyed by what they test.
+    let mut keys: Vec<String> = Vec::new();
+    let mut conditions: Vec<String> = Vec::new();
+    let mut selection_conditions = Vec::new();
+    for spec in selections {
+        let mut mine: Vec<usize> = Vec::new();
+        let mut wanted: Vec<(String, Condition<'_>)> = Vec::new();
+        if let Some(id) = spec.instrument_module_id {
+            wanted.push((format!("scope {id}"), Condition::Scope(id)));
+        }
+        for rule in spec.rules {
+            needed.push(rule.table);
+            wanted.push((format!("{rule:?}"), Condition::Rule(rule)));
+        }
+        for (key, condition) in wanted {
+            let index = match keys.iter().position(|k| *k == key) {
+                Some(i) => i,
+                None => {
+                    keys.push(key);
+                    conditions.push(match condition {
+                        Condition::Scope(id) => {
+                            let p = r.bind(Bind::Int(id));
+                            format!("rdp.instrument_module_id = {p}")
+                        }
+                        Condition::Rule(rule) => r.rule(rule),
+                    });
+                    conditions.len() - 1
+                }
+            };
+            if !mine.contains(&index) {
+                mine.push(index);
+            }
+        }
+        selection_conditions.push(mine);
+    }
+    // The conditions' outcomes as bits of a few integer columns: cheaper to send and
+    // decode than a column each.
+    for (chunk_index, chunk) in conditions.chunks(MASK_BITS).enumerate() {
+        let bits: Vec<String> = chunk
+            .iter()
+            .enumerate()
+            .map(|(bit, c)| format!("CASE WHEN {c} THEN {} ELSE 0 END", 1i64 << bit))
+            .collect();
+        columns.push(format!(
+            "CAST({} AS BIGINT) AS m{chunk_index}",
+            bits.join(" + ")
+        ));
+    }
+    let mut inner = format!("SELECT {} FROM raw_data_package rdp", columns.join(", "));
+    for clause in joins_for(needed) {
+        inner.push(' ');
+        inner.push_str(clause);
+    }
+    // Conditions are not repeated in a WHERE clause: each is evaluated once per archived
+    // package, in the select list, and the caller skips packages that match no selection.
+    // This keeps one plain scan (which PostgreSQL may run in parallel) for any number of
+    // selections, at the price of streaming archived packages no pipeline reads.
+    let mut sql = format!("{inner} WHERE rdp.state = 'ARCHIVED'");
+    if let Some(ids) = only_packages {
+        sql.push_str(" AND ");
+        sql.push_str(&r.id_list("rdp.id", ids));
+    }
+    SharedQuery {
+        conditions: conditions.len(),
+        query: RenderedQuery {
+            sql,
+            binds: r.binds,
+        },
+        selection_conditions,
+    }
+}
+
+enum Condition<'a> {
+    Scope(i64),
+    Rule(&'a Rule),
+}
+
+/// The joins that bring `tables` (with their whole paths) to the root, each once, in
+/// registry order (parents come before children there).
+fn joins_for(tables: Vec<FilterTable>) -> Vec<&'static str> {
+    let mut with_parents = Vec::new();
+    for table in tables {
+        let mut current = Some(table);
+        while let Some(t) = current {
+            with_parents.push(t);
+            current = join(t).parent;
+        }
+    }
+    JOINS
+        .iter()
+        .filter(|j| j.parent.is_some() && with_parents.contains(&j.table))
+        .map(|j| j.clause)
+        .collect()
 }
 
 impl Database {
@@ -411,11 +542,108 @@ impl Database {
     ) -> Result<usize, DbError> {
         let rendered = render(selection, self.dialect());
         let width = selection.group_by.len();
+        self.stream(rendered, width, 0, false, |id, dimensions, _| {
+            each(PackageRow {
+                id,
+                dimensions: dimensions.iter().map(|d| (*d).to_owned()).collect(),
+            })
+        })
+        .await
+    }
+
+    /// Streams the archived packages of several selections, read in one pass, to
+    /// `each(id, dimension values, matches)` where `matches[i]` says whether selection
+    /// `i` holds the package; packages no selection holds are skipped. With
+    /// `only_packages`, only those are read (an incremental re-selection). Returns how
+    /// many packages were read.
+    pub async fn for_each_shared(
+        &self,
+        selections: &[SelectionSpec<'_>],
+        group_by: &[Dimension],
+        only_packages: Option<&[i64]>,
+        mut each: impl FnMut(i64, &[&str], &[bool]),
+    ) -> Result<usize, DbError> {
+        let shared = render_shared(selections, group_by, only_packages, self.dialect());
+        let bulk = only_packages.is_none();
+        let mut matches = vec![false; selections.len()];
+        let per_selection = shared.selection_conditions;
+        let masks = shared.conditions.div_ceil(MASK_BITS);
+        self.stream(
+            shared.query,
+            group_by.len(),
+            masks,
+            bulk,
+            |id, dims, masks| {
+                let holds = |c: &usize| masks[c / MASK_BITS] & (1 << (c % MASK_BITS)) != 0;
+                for (m, mine) in matches.iter_mut().zip(&per_selection) {
+                    *m = mine.iter().all(holds);
+                }
+                if matches.contains(&true) {
+                    each(id, dims, &matches)
+                }
+            },
+        )
+        .await
+    }
+
+    /// Runs a rendered package query and streams its rows: id, `width` dimension values
+    /// and `masks` integers. `bulk` marks a read of a large share of the archive:
+    /// PostgreSQL then plans it without nested loops, because its row estimates for JSON
+    /// conditions are guesses, and a nested loop chosen on a guess of five rows costs
+    /// minutes when the answer is a million.
+    async fn stream(
+        &self,
+        rendered: RenderedQuery,
+        width: usize,
+        masks: usize,
+        bulk: bool,
+        mut each: impl FnMut(i64, &[&str], &[i64]),
+    ) -> Result<usize, DbError> {
         // The text is built from registry identifiers and placeholders only.
         let sql = sqlx::AssertSqlSafe(rendered.sql);
         let mut count = 0;
+        let mut mask_values = vec![0i64; masks];
+        macro_rules! rows {
+            ($rows:expr) => {{
+                let mut rows = $rows;
+                while let Some(row) = rows
+                    .try_next()
+                    .await
+                    .map_err(DbError::query("selecting packages"))?
+                {
+                    let id: i64 = row
+                        .try_get(0)
+                        .map_err(DbError::query("reading a selected package"))?;
+                    // No dimension list is longer than the seven dimensions there are.
+                    let mut dims: [&str; 8] = [""; 8];
+                    for i in 0..width {
+                        let value: Option<&str> = row
+                            .try_get(i + 1)
+                            .map_err(DbError::query("reading a dimension value"))?;
+                        dims[i] = value.unwrap_or_default();
+                    }
+                    for (m, value) in mask_values.iter_mut().enumerate() {
+                        *value = row
+                            .try_get(width + 1 + m)
+                            .map_err(DbError::query("reading a selection mask"))?;
+                    }
+                    each(id, &dims[..width], &mask_values);
+                    count += 1;
+                }
+            }};
+        }
         match self {
             Database::Postgres(pool) => {
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .map_err(DbError::query("selecting packages"))?;
+                if bulk {
+                    sqlx::query("SET LOCAL enable_nestloop = off")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(DbError::query("planning a bulk selection"))?;
+                }
                 let mut q = sqlx::query(sql);
                 for b in rendered.binds {
                     q = match b {
@@ -427,15 +655,10 @@ impl Database {
                         Bind::IntArray(a) => q.bind(a),
                     };
                 }
-                let mut rows = q.fetch(pool);
-                while let Some(row) = rows
-                    .try_next()
+                rows!(q.fetch(&mut *tx));
+                tx.rollback()
                     .await
-                    .map_err(DbError::query("selecting packages"))?
-                {
-                    each(package_row(&row, width)?);
-                    count += 1;
-                }
+                    .map_err(DbError::query("selecting packages"))?;
             }
             Database::Sqlite(pool) => {
                 let mut q = sqlx::query(sql);
@@ -453,15 +676,7 @@ impl Database {
                         }
                     };
                 }
-                let mut rows = q.fetch(pool);
-                while let Some(row) = rows
-                    .try_next()
-                    .await
-                    .map_err(DbError::query("selecting packages"))?
-                {
-                    each(package_row(&row, width)?);
-                    count += 1;
-                }
+                rows!(q.fetch(pool));
             }
         }
         Ok(count)
@@ -469,8 +684,16 @@ impl Database {
 
     /// Packages whose selection may have changed since `horizon`: written themselves, or
     /// joined (by the registry's paths) to a row of another filterable table written since.
-    pub async fn changed_packages(&self, horizon: i64) -> Result<Vec<i64>, DbError> {
-        let sql = sqlx::AssertSqlSafe(changed_packages_sql());
+    /// Only the tables named in `tables` are looked at (those with newer marks).
+    pub async fn changed_packages(
+        &self,
+        horizon: i64,
+        tables: &[&str],
+    ) -> Result<Vec<i64>, DbError> {
+        if tables.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = sqlx::AssertSqlSafe(changed_packages_sql(tables));
         let mut ids: Vec<i64> = on_pool!(self, pool => {
             sqlx::query_scalar(sql).bind(horizon).fetch_all(pool).await
         })
@@ -480,12 +703,24 @@ impl Database {
     }
 }
 
+/// The tables a package's selection reads, by their names in the database.
+pub const FILTER_TABLES: [&str; 7] = [
+    "raw_data_package",
+    "executed_obs_unit",
+    "obs_unit",
+    "source",
+    "line",
+    "instrument_module",
+    "instrument",
+];
+
 /// One branch per filterable table, each an index probe on that table's `change_mark`
 /// followed by its join path down to the packages; a UNION, not an OR, so that every
 /// branch can use its index.
-fn changed_packages_sql() -> String {
+fn changed_packages_sql(tables: &[&str]) -> String {
     JOINS
         .iter()
+        .filter(|j| tables.contains(&j.name))
         .map(|j| {
             let mut path = Vec::new();
             let mut current = Some(j.table);
@@ -508,24 +743,6 @@ fn changed_packages_sql() -> String {
         })
         .collect::<Vec<_>>()
         .join(" UNION ")
-}
-
-fn package_row<R: Row>(row: &R, width: usize) -> Result<PackageRow, DbError>
-where
-    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    usize: sqlx::ColumnIndex<R>,
-{
-    let decode = DbError::query("reading a selected package");
-    let id: i64 = row.try_get(0).map_err(decode)?;
-    let mut dimensions = Vec::with_capacity(width);
-    for i in 1..=width {
-        let value: Option<String> = row
-            .try_get(i)
-            .map_err(DbError::query("reading a dimension value"))?;
-        dimensions.push(value.unwrap_or_default());
-    }
-    Ok(PackageRow { id, dimensions })
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ pub mod changes;
 pub mod filter_sql;
 pub mod pipelines;
 pub mod schema;
+pub mod scratch;
+pub mod synthetic;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;

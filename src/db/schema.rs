@@ -68,6 +68,7 @@ pub const TABLES: &[Table] = &[
             "instrument_module_id",
             "created_at",
             "updated_at",
+            "change_mark",
         ],
     },
     Table {
@@ -86,6 +87,7 @@ pub const TABLES: &[Table] = &[
             "created_by_user_id",
             "created_at",
             "updated_at",
+            "change_mark",
         ],
     },
     Table {
@@ -106,6 +108,7 @@ pub const TABLES: &[Table] = &[
             "default_time_hours",
             "deprecated",
             "created_at",
+            "change_mark",
         ],
     },
     Table {
@@ -126,15 +129,22 @@ pub const TABLES: &[Table] = &[
             "time_hours",
             "created_at",
             "updated_at",
+            "change_mark",
         ],
     },
     Table {
         name: "reduction_step_dependency",
-        columns: &["reduction_step_id", "depends_on_step_id"],
+        columns: &["reduction_step_id", "depends_on_step_id", "change_mark"],
     },
     Table {
         name: "reduction_step_config",
-        columns: &["id", "reduction_step_id", "parameters", "updated_at"],
+        columns: &[
+            "id",
+            "reduction_step_id",
+            "parameters",
+            "updated_at",
+            "change_mark",
+        ],
     },
     Table {
         name: "executed_reduction_step",
@@ -233,11 +243,17 @@ pub const TABLES: &[Table] = &[
             "message",
             "created_at",
             "processed_at",
+            "change_mark",
         ],
     },
     Table {
         name: "pipeline_trigger_state",
-        columns: &["pipeline_id", "last_cron_tick", "last_evaluated_at"],
+        columns: &[
+            "pipeline_id",
+            "last_cron_tick",
+            "last_evaluated_at",
+            "change_mark",
+        ],
     },
     Table {
         name: "change_tombstone",

@@ -28,13 +28,13 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::db::changes::Changes;
-use crate::db::filter_sql::Selection;
+use crate::db::filter_sql::SelectionSpec;
 use crate::db::pipelines::{NewRun, RunStamp, TriggerRequestRow};
 use crate::db::{Database, DbError};
 use crate::filter::{Dimension, Rule};
 use fingerprint::{InputRef, SoftwareRef};
 use plan::{Definitions, PipelinePlan, SelectionKey, StepPlan};
-use view::{GroupId, View};
+use view::{GroupId, View, ViewBuilder};
 
 /// How a cycle behaves.
 #[derive(Debug, Clone)]
@@ -172,78 +172,81 @@ impl SelectionCache {
             .expect("the selection was built for every step's dimensions")
     }
 
-    async fn build(
+    /// Builds the caches of several selections from one pass over the packages.
+    async fn build_many(
         db: &Database,
-        rules: &[Rule],
-        instrument_module_id: Option<i64>,
-        dim_sets: &BTreeSet<Vec<Dimension>>,
-    ) -> Result<SelectionCache, DbError> {
-        let mut dims: Vec<Dimension> = Vec::new();
-        for set in dim_sets {
-            for d in set {
-                if !dims.contains(d) {
-                    dims.push(*d);
+        wanted: &[(&[Rule], Option<i64>, &BTreeSet<Vec<Dimension>>)],
+    ) -> Result<Vec<SelectionCache>, DbError> {
+        let started = std::time::Instant::now();
+        // Every dimension any view needs, each once: the query's dimension columns.
+        let mut all_dims: Vec<Dimension> = Vec::new();
+        for (_, _, sets) in wanted {
+            for d in sets.iter().flatten() {
+                if !all_dims.contains(d) {
+                    all_dims.push(*d);
                 }
             }
         }
-        let positions: Vec<Vec<usize>> = dim_sets
+        let position = |d: &Dimension| all_dims.iter().position(|x| x == d).expect("collected");
+        // Per selection, per view: its builder and where its values sit in a row.
+        let mut builders: Vec<Vec<(ViewBuilder, Vec<usize>)>> = wanted
             .iter()
-            .map(|set| {
-                set.iter()
-                    .map(|d| dims.iter().position(|x| x == d).unwrap())
+            .map(|(_, _, sets)| {
+                sets.iter()
+                    .map(|set| (ViewBuilder::new(set), set.iter().map(position).collect()))
                     .collect()
             })
             .collect();
-        let mut rows: Vec<Vec<(i64, Vec<String>)>> = vec![Vec::new(); dim_sets.len()];
-        let selection = Selection {
-            rules,
-            instrument_module_id,
-            group_by: &dims,
-            only_archived: true,
-            only_packages: None,
-        };
-        db.for_each_package(&selection, |row| {
-            for (v, pos) in positions.iter().enumerate() {
-                rows[v].push((
-                    row.id,
-                    pos.iter().map(|p| row.dimensions[*p].clone()).collect(),
-                ));
-            }
-        })
-        .await?;
-        let views: Vec<View> = dim_sets
+        let specs: Vec<SelectionSpec<'_>> = wanted
             .iter()
-            .zip(rows)
-            .map(|(set, rows)| View::build(set, rows))
+            .map(|(rules, scope, _)| SelectionSpec {
+                rules,
+                instrument_module_id: *scope,
+            })
             .collect();
-        Ok(SelectionCache {
-            dims,
-            dirty: vec![Vec::new(); views.len()],
-            views,
-            rebuilt: true,
-        })
+        db.for_each_shared(
+            &specs,
+            &all_dims,
+            None,
+            |id, values: &[&str], matches: &[bool]| {
+                for (s, matched) in matches.iter().enumerate() {
+                    if *matched {
+                        for (builder, positions) in &mut builders[s] {
+                            builder.push(id, positions.iter().map(|p| values[*p]));
+                        }
+                    }
+                }
+            },
+        )
+        .await?;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "selection rows read"
+        );
+        Ok(builders
+            .into_iter()
+            .zip(wanted)
+            .map(|(views, (_, _, sets))| {
+                let dims: Vec<Dimension> = sets.iter().flatten().fold(Vec::new(), |mut acc, d| {
+                    if !acc.contains(d) {
+                        acc.push(*d);
+                    }
+                    acc
+                });
+                let views: Vec<View> = views.into_iter().map(|(b, _)| b.finish()).collect();
+                SelectionCache {
+                    dims,
+                    dirty: vec![Vec::new(); views.len()],
+                    views,
+                    rebuilt: true,
+                }
+            })
+            .collect())
     }
 
-    /// Re-selects the changed packages and applies them to every view.
-    async fn refresh(
-        &mut self,
-        db: &Database,
-        rules: &[Rule],
-        instrument_module_id: Option<i64>,
-        changes: &Changes,
-    ) -> Result<(), DbError> {
-        let mut current: HashMap<i64, Vec<String>> = HashMap::new();
-        let selection = Selection {
-            rules,
-            instrument_module_id,
-            group_by: &self.dims,
-            only_archived: true,
-            only_packages: Some(&changes.packages),
-        };
-        db.for_each_package(&selection, |row| {
-            current.insert(row.id, row.dimensions);
-        })
-        .await?;
+    /// Applies the re-selected changed packages (`current`: id → values of the
+    /// dimensions `dims`) to every view, noting which groups changed.
+    fn apply(&mut self, changes: &Changes, dims: &[Dimension], current: &HashMap<i64, Vec<String>>) {
         let mut changed: Vec<i64> = changes
             .packages
             .iter()
@@ -256,7 +259,7 @@ impl SelectionCache {
             let positions: Vec<usize> = view
                 .dims()
                 .iter()
-                .map(|d| self.dims.iter().position(|x| x == d).unwrap())
+                .map(|d| dims.iter().position(|x| x == d).expect("read for every view"))
                 .collect();
             let projected: HashMap<i64, Vec<String>> = current
                 .iter()
@@ -264,7 +267,6 @@ impl SelectionCache {
                 .collect();
             self.dirty[v] = view.apply(&changed, &projected);
         }
-        Ok(())
     }
 }
 
@@ -282,6 +284,8 @@ struct PipelineMemo {
 #[derive(Debug, Default)]
 pub struct Evaluator {
     horizon: Option<i64>,
+    /// The definitions of a processing location's pipelines, read again when changed.
+    definitions: Option<(i64, Definitions)>,
     selections: HashMap<SelectionKey, SelectionCache>,
     memos: HashMap<i64, PipelineMemo>,
     errors: HashMap<i64, String>,
@@ -310,10 +314,21 @@ impl Evaluator {
         now: DateTime<Utc>,
     ) -> Result<CycleReport, DbError> {
         let mut report = CycleReport::default();
+        let started = std::time::Instant::now();
+        let phase = |name: &str| {
+            tracing::debug!(
+                phase = name,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "trigger cycle phase"
+            );
+        };
         // The horizon comes first: whatever is written after it is seen again next cycle.
-        let horizon = db.change_horizon().await?;
+        let marks = db.change_marks().await?;
+        let horizon = marks.horizon;
         let changes = match self.horizon {
-            Some(h) => Some(db.changes_since(h).await?),
+            // Nothing written since: no need to ask what.
+            Some(h) if !marks.data_changed_since(h) => Some(Changes::default()),
+            Some(h) => Some(db.changes_since(h, &marks).await?),
             None => None,
         };
         let changes = match changes {
@@ -330,7 +345,20 @@ impl Evaluator {
             report.changed_runs = c.runs.len();
         }
 
-        let defs = load_definitions(db, options.processing_location_id).await?;
+        phase("changes read");
+        let location = options.processing_location_id;
+        let defs = match self.definitions.take() {
+            Some((at, defs))
+                if at == location
+                    && self
+                        .horizon
+                        .is_some_and(|h| !marks.definitions_changed_since(h)) =>
+            {
+                defs
+            }
+            _ => load_definitions(db, location).await?,
+        };
+        phase("definitions read");
         let mut plans = Vec::new();
         for pipeline in &defs.pipelines {
             if options
@@ -371,6 +399,7 @@ impl Evaluator {
 
         self.refresh_selections(db, &plans, changes.as_ref())
             .await?;
+        phase("selections up to date");
 
         // Runs written since the last cycle, by step.
         let mut changed_runs: HashMap<i64, Vec<&str>> = HashMap::new();
@@ -401,6 +430,7 @@ impl Evaluator {
             .await?;
             report.pipelines.push(r);
         }
+        phase("pipelines evaluated");
         // Pipelines gone or disabled are forgotten.
         let live: HashSet<i64> = plans.iter().map(|(p, _)| p.row.id).collect();
         self.memos.retain(|id, _| live.contains(id));
@@ -413,6 +443,8 @@ impl Evaluator {
             db.prune_tombstones(now - chrono::Duration::days(1)).await?;
             self.pruned_at = Some(now);
         }
+        drop(plans);
+        self.definitions = Some((location, defs));
         self.horizon = Some(horizon);
         Ok(report)
     }
@@ -434,29 +466,67 @@ impl Evaluator {
             entry.1.extend(plan.steps.iter().map(|s| s.dims.clone()));
         }
         self.selections.retain(|key, _| wanted.contains_key(key));
-        for (key, (rules, dim_sets)) in wanted {
-            let changed = changes.map_or(0, |c| c.packages.len() + c.deleted_packages.len());
+        let changed = changes.map_or(0, |c| c.packages.len() + c.deleted_packages.len());
+        let mut to_build = Vec::new();
+        let mut to_refresh: Vec<(&SelectionKey, &[Rule])> = Vec::new();
+        for (key, (rules, dim_sets)) in &wanted {
             let reusable = changes.is_some()
                 && changed <= REBUILD_ABOVE
-                && self.selections.get(key).is_some_and(|c| {
+                && self.selections.get(*key).is_some_and(|c| {
                     dim_sets
                         .iter()
-                        .all(|d| c.views.iter().any(|v| v.dims() == d))
+                        .all(|d| c.views.iter().any(|v| v.dims() == d.as_slice()))
                 });
-            if reusable {
-                let cache = self.selections.get_mut(key).expect("checked above");
-                cache.rebuilt = false;
-                cache.dirty.iter_mut().for_each(Vec::clear);
-                if changed > 0 {
-                    let c = changes.expect("checked above");
-                    cache
-                        .refresh(db, rules, key.instrument_module_id, c)
-                        .await?;
+            if !reusable {
+                to_build.push((*key, *rules, dim_sets));
+                continue;
+            }
+            let cache = self.selections.get_mut(*key).expect("checked above");
+            cache.rebuilt = false;
+            cache.dirty.iter_mut().for_each(Vec::clear);
+            if changed > 0 {
+                to_refresh.push((*key, *rules));
+            }
+        }
+        if let (Some(c), false) = (changes, to_refresh.is_empty()) {
+            // One re-selection of the changed packages serves every selection.
+            let mut dims: Vec<Dimension> = Vec::new();
+            for (key, _) in &to_refresh {
+                for d in &self.selections[*key].dims {
+                    if !dims.contains(d) {
+                        dims.push(*d);
+                    }
                 }
-            } else {
-                let cache =
-                    SelectionCache::build(db, rules, key.instrument_module_id, &dim_sets).await?;
-                self.selections.insert(key.clone(), cache);
+            }
+            let specs: Vec<SelectionSpec<'_>> = to_refresh
+                .iter()
+                .map(|(key, rules)| SelectionSpec {
+                    rules,
+                    instrument_module_id: key.instrument_module_id,
+                })
+                .collect();
+            let mut current: Vec<HashMap<i64, Vec<String>>> = vec![HashMap::new(); specs.len()];
+            db.for_each_shared(&specs, &dims, Some(&c.packages), |id, values, matches| {
+                for (s, matched) in matches.iter().enumerate() {
+                    if *matched {
+                        current[s].insert(id, values.iter().map(|v| (*v).to_owned()).collect());
+                    }
+                }
+            })
+            .await?;
+            for ((key, _), rows) in to_refresh.iter().zip(&current) {
+                let cache = self.selections.get_mut(*key).expect("checked above");
+                cache.apply(c, &dims, rows);
+            }
+        }
+        if !to_build.is_empty() {
+            let specs: Vec<(&[Rule], Option<i64>, &BTreeSet<Vec<Dimension>>)> = to_build
+                .iter()
+                .map(|(key, rules, sets)| (*rules, key.instrument_module_id, *sets))
+                .collect();
+            let built = SelectionCache::build_many(db, &specs).await?;
+            for ((key, _, _), cache) in to_build.iter().zip(built) {
+                self.selections.insert((*key).clone(), cache);
             }
         }
         Ok(())
@@ -620,6 +690,21 @@ async fn evaluate_pipeline(
 
     for pass in &passes {
         let needed = needed_groups(plan, &views, &pass.targets);
+        // The runs of every needed group of every step, in one or two queries.
+        let mut whole = Vec::new();
+        let mut some: Vec<(i64, &str)> = Vec::new();
+        for ((step, view), bits) in plan.steps.iter().zip(&views).zip(&needed) {
+            let count = bits.count_ones(..);
+            if count == view.group_count() && count > 0 {
+                whole.push(step.row.id);
+            } else {
+                some.extend(bits.ones().map(|g| (step.row.id, view.group(g as GroupId).key.as_str())));
+            }
+        }
+        let mut history: HashMap<i64, Vec<RunStamp>> = HashMap::new();
+        for (step, stamp) in db.run_stamps(&whole, &some).await? {
+            history.entry(step).or_default().push(stamp);
+        }
         let mut states: Vec<StepState> = Vec::with_capacity(plan.steps.len());
         for (i, step) in plan.steps.iter().enumerate() {
             let upstream: Vec<(&StepState, &View)> = step
@@ -631,6 +716,7 @@ async fn evaluate_pipeline(
                 db,
                 plan,
                 step,
+                history.get(&step.row.id).map_or(&[][..], Vec::as_slice),
                 views[i],
                 &needed[i],
                 &pass.targets[i],
@@ -651,6 +737,10 @@ async fn evaluate_pipeline(
         }
     }
 
+    if report.created > 0 {
+        tracing::info!(pipeline = %pipeline.name, mode = ?report.mode, created = report.created,
+            deferred = report.deferred, sub_groups = report.sub_groups_evaluated, "runs created");
+    }
     if !options.dry_run {
         for row in requests {
             db.finish_trigger_request(
@@ -811,6 +901,7 @@ async fn evaluate_step(
     db: &Database,
     plan: &PipelinePlan<'_>,
     step: &StepPlan<'_>,
+    stamps: &[RunStamp],
     view: &View,
     needed: &FixedBitSet,
     targets: &FixedBitSet,
@@ -831,19 +922,8 @@ async fn evaluate_step(
     if needed.is_clear() {
         return Ok(out);
     }
-    // The step's runs of the needed groups.
-    let all = needed.count_ones(..) == view.group_count();
-    let stamps = if all {
-        db.step_run_stamps(step.row.id).await?
-    } else {
-        let keys: Vec<&str> = needed
-            .ones()
-            .map(|g| view.group(g as GroupId).key.as_str())
-            .collect();
-        db.step_run_stamps_for(step.row.id, &keys).await?
-    };
     let mut history: HashMap<&str, Vec<&RunStamp>> = HashMap::new();
-    for stamp in &stamps {
+    for stamp in stamps {
         history
             .entry(stamp.sub_group_key.as_str())
             .or_default()
@@ -1009,7 +1089,7 @@ async fn evaluate_step(
             gap.run_id = id;
             if id.is_some() {
                 out.created += 1;
-                tracing::info!(pipeline = %gap.pipeline, step = %gap.step, sub_group = %gap.sub_group_key,
+                tracing::debug!(pipeline = %gap.pipeline, step = %gap.step, sub_group = %gap.sub_group_key,
                     run_id = id, reason = ?gap.reason, "run created");
             }
             out.gaps.push(gap);

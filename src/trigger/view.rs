@@ -4,8 +4,11 @@
 //! the rows.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
-use crate::filter::{Dimension, SubGroup};
+use hashbrown::HashTable;
+
+use crate::filter::{Dimension, SubGroup, sub_group_key};
 
 /// A sub-group's index in its view; stable for the view's life.
 pub type GroupId = u32;
@@ -24,64 +27,145 @@ pub struct Group {
 pub struct View {
     dims: Vec<Dimension>,
     groups: Vec<Group>,
-    by_values: HashMap<Vec<String>, GroupId>,
-    by_key: HashMap<String, GroupId>,
+    // Group ids by key; the keys themselves live in `groups` only.
+    by_key: HashTable<GroupId>,
+    hasher: RandomState,
     // Package → group as two sorted parallel vectors: 12 bytes a package, where a hash
     // map would take about three times that at a million packages.
     package_ids: Vec<i64>,
     package_groups: Vec<GroupId>,
 }
 
-impl View {
-    /// Builds a view from `(package, dimension values)` rows in any order. Group ids
-    /// follow the sub-groups' sort order, so the same data gives the same ids.
-    pub fn build(dims: &[Dimension], rows: impl IntoIterator<Item = (i64, Vec<String>)>) -> View {
-        let mut by_values: HashMap<Vec<String>, GroupId> = HashMap::new();
-        let mut pairs: Vec<(i64, GroupId)> = Vec::new();
-        for (id, values) in rows {
-            let next = by_values.len() as GroupId;
-            let group = *by_values.entry(values).or_insert(next);
-            pairs.push((id, group));
-        }
-        // Renumber the groups in sub-group order.
-        let mut order: Vec<(Vec<String>, GroupId)> = by_values.into_iter().collect();
-        order.sort();
-        let mut renumber = vec![0; order.len()];
-        let mut view = View {
+/// Collects a view's rows as they stream from the database, without keeping the rows.
+#[derive(Debug)]
+pub struct ViewBuilder {
+    dims: Vec<Dimension>,
+    // Joined dimension values → provisional group id.
+    by_values: HashMap<String, GroupId>,
+    values: Vec<Vec<String>>,
+    ids: Vec<i64>,
+    groups: Vec<GroupId>,
+    buffer: String,
+}
+
+impl ViewBuilder {
+    pub fn new(dims: &[Dimension]) -> ViewBuilder {
+        ViewBuilder {
             dims: dims.to_vec(),
+            by_values: HashMap::new(),
+            values: Vec::new(),
+            ids: Vec::new(),
+            groups: Vec::new(),
+            buffer: String::new(),
+        }
+    }
+
+    /// Adds one package with its dimension values (in `dims` order).
+    pub fn push<'v>(&mut self, id: i64, values: impl Iterator<Item = &'v str> + Clone) {
+        self.buffer.clear();
+        for v in values.clone() {
+            // NUL cannot occur in PostgreSQL text, so it separates values unambiguously.
+            self.buffer.push_str(v);
+            self.buffer.push('\0');
+        }
+        let group = match self.by_values.get(self.buffer.as_str()) {
+            Some(g) => *g,
+            None => {
+                let g = self.values.len() as GroupId;
+                self.by_values.insert(self.buffer.clone(), g);
+                self.values.push(values.map(str::to_owned).collect());
+                g
+            }
+        };
+        self.ids.push(id);
+        self.groups.push(group);
+    }
+
+    /// The view. Group ids follow the sub-groups' sort order, so the same data gives the
+    /// same ids whatever order the rows came in.
+    pub fn finish(self) -> View {
+        let ViewBuilder {
+            dims,
+            values,
+            mut ids,
+            groups,
+            ..
+        } = self;
+        drop(self.by_values);
+        let mut order: Vec<GroupId> = (0..values.len() as GroupId).collect();
+        order.sort_by(|a, b| values[*a as usize].cmp(&values[*b as usize]));
+        let mut renumber = vec![0 as GroupId; values.len()];
+        for (new, old) in order.iter().enumerate() {
+            renumber[*old as usize] = new as GroupId;
+        }
+        let mut groups: Vec<GroupId> = groups.into_iter().map(|g| renumber[g as usize]).collect();
+        // Rows mostly arrive in id order (a table scan); sort them when they did not.
+        if !ids.is_sorted() {
+            let mut perm: Vec<u32> = (0..ids.len() as u32).collect();
+            perm.sort_unstable_by_key(|i| ids[*i as usize]);
+            ids = perm.iter().map(|i| ids[*i as usize]).collect();
+            groups = perm.iter().map(|i| groups[*i as usize]).collect();
+        }
+        let mut view = View {
+            dims,
             ..Default::default()
         };
-        for (new, (values, old)) in order.into_iter().enumerate() {
-            renumber[old as usize] = new as GroupId;
-            view.push_group(values);
+        let mut values: Vec<Option<Vec<String>>> = values.into_iter().map(Some).collect();
+        for old in order {
+            let v = values[old as usize].take().expect("each group once");
+            view.push_group(v);
         }
-        pairs.sort_unstable_by_key(|(id, _)| *id);
-        pairs.dedup_by_key(|(id, _)| *id);
-        view.package_ids.reserve_exact(pairs.len());
-        view.package_groups.reserve_exact(pairs.len());
-        for (id, old) in pairs {
-            let group = renumber[old as usize];
-            view.package_ids.push(id);
-            view.package_groups.push(group);
-            // Ids arrive sorted, so members stay sorted.
-            view.groups[group as usize].members.push(id);
+        let mut sizes = vec![0usize; view.groups.len()];
+        for g in &groups {
+            sizes[*g as usize] += 1;
         }
+        for (group, size) in view.groups.iter_mut().zip(sizes) {
+            group.members.reserve_exact(size);
+        }
+        let mut last = None;
+        let mut keep = 0;
+        for i in 0..ids.len() {
+            // A package listed twice (it cannot be, but a join could) counts once.
+            if last == Some(ids[i]) {
+                continue;
+            }
+            last = Some(ids[i]);
+            view.groups[groups[i] as usize].members.push(ids[i]);
+            ids[keep] = ids[i];
+            groups[keep] = groups[i];
+            keep += 1;
+        }
+        ids.truncate(keep);
+        groups.truncate(keep);
+        ids.shrink_to_fit();
+        groups.shrink_to_fit();
+        view.package_ids = ids;
+        view.package_groups = groups;
         view
+    }
+}
+
+impl View {
+    /// Builds a view from `(package, dimension values)` rows in any order.
+    pub fn build(dims: &[Dimension], rows: impl IntoIterator<Item = (i64, Vec<String>)>) -> View {
+        let mut builder = ViewBuilder::new(dims);
+        for (id, values) in rows {
+            builder.push(id, values.iter().map(String::as_str));
+        }
+        builder.finish()
     }
 
     fn push_group(&mut self, values: Vec<String>) -> GroupId {
         let id = self.groups.len() as GroupId;
         let sub_group = SubGroup {
-            values: self
-                .dims
-                .iter()
-                .copied()
-                .zip(values.iter().cloned())
-                .collect(),
+            values: self.dims.iter().copied().zip(values).collect(),
         };
         let key = sub_group.key();
-        self.by_key.insert(key.clone(), id);
-        self.by_values.insert(values, id);
+        let hash = self.hasher.hash_one(&key);
+        let groups = &self.groups;
+        let hasher = &self.hasher;
+        self.by_key
+            .insert_unique(hash, id, |g| hasher.hash_one(&groups[*g as usize].key));
         self.groups.push(Group {
             sub_group,
             key,
@@ -108,7 +192,10 @@ impl View {
     }
 
     pub fn group_by_key(&self, key: &str) -> Option<GroupId> {
-        self.by_key.get(key).copied()
+        let hash = self.hasher.hash_one(key);
+        self.by_key
+            .find(hash, |g| self.groups[*g as usize].key == key)
+            .copied()
     }
 
     pub fn group_of(&self, package: i64) -> Option<GroupId> {
@@ -135,12 +222,18 @@ impl View {
         let mut moves: Vec<(i64, Option<GroupId>)> = Vec::new();
         for &package in changed {
             let old = self.group_of(package);
-            let new = current
-                .get(&package)
-                .map(|values| match self.by_values.get(values) {
-                    Some(g) => *g,
+            let new = current.get(&package).map(|values| {
+                let pairs: Vec<(Dimension, String)> = self
+                    .dims
+                    .iter()
+                    .copied()
+                    .zip(values.iter().cloned())
+                    .collect();
+                match self.group_by_key(&sub_group_key(&pairs)) {
+                    Some(g) => g,
                     None => self.push_group(values.clone()),
-                });
+                }
+            });
             if old == new {
                 continue;
             }

@@ -1,0 +1,233 @@
+//! Benchmarks that anyone can run (`ccat-wfm bench …`, `nox -s bench`): each prints the
+//! figure it measured beside the figure it is judged against. Never part of the tests.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Serialize;
+
+use crate::db::synthetic::ArchiveShape;
+use crate::db::{Database, DbError, scratch};
+use crate::trigger::{CycleReport, Evaluator, TriggerOptions};
+
+/// What to measure the trigger-manager on.
+#[derive(Debug, Clone)]
+pub struct TriggerBench {
+    /// A PostgreSQL URL of a role that may create databases.
+    pub admin_url: String,
+    pub packages: i64,
+    /// Pipelines per instrument module (five modules).
+    pub pipelines_per_module: i64,
+    /// Keep the generated database afterwards.
+    pub keep: bool,
+}
+
+/// The figures of one trigger benchmark run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TriggerFigures {
+    pub packages: i64,
+    pub pipelines: i64,
+    pub selected_packages: u64,
+    pub generate_s: f64,
+    /// The plain query, streamed to the client (best of three).
+    pub floor_ms: f64,
+    /// The same query's execution time inside PostgreSQL (EXPLAIN ANALYZE).
+    pub floor_server_ms: Option<f64>,
+    pub full_cycle_ms: f64,
+    pub gaps_found: usize,
+    /// Median of five cycles in which nothing changed.
+    pub no_change_cycle_ms: f64,
+    pub new_packages: i64,
+    pub new_packages_cycle_ms: f64,
+    pub new_packages_gaps: usize,
+    pub packages_per_s: f64,
+    /// Resident memory after the full cycle, and the process's peak.
+    pub rss_mb: f64,
+    pub peak_rss_mb: f64,
+    /// A manager's real first cycle, creating runs up to the per-cycle bound.
+    pub creating_cycle_ms: f64,
+    pub runs_created: usize,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Resident and peak resident memory of this process in MB (Linux; 0 elsewhere).
+pub fn memory_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn timed_cycle(
+    evaluator: &mut Evaluator,
+    db: &Database,
+    options: &TriggerOptions,
+) -> Result<(Duration, CycleReport), DbError> {
+    let started = Instant::now();
+    let report = evaluator.cycle(db, options, Utc::now()).await?;
+    let elapsed = started.elapsed();
+    if let Some(e) = report.errors.first() {
+        panic!("the synthetic pipelines are valid, yet: {e}");
+    }
+    Ok((elapsed, report))
+}
+
+fn gaps(report: &CycleReport) -> usize {
+    report.pipelines.iter().map(|p| p.gaps_found).sum()
+}
+
+/// Generates a synthetic archive in a scratch PostgreSQL database and times trigger
+/// cycles on it: the first (full) one, one in which nothing changed, one after new
+/// packages. These evaluate without creating runs (as `ccat-wfm gaps` does), so that the
+/// "nothing changed" cycle is exactly that; a last cycle then creates runs as a manager's
+/// first cycle would.
+pub async fn trigger(bench: &TriggerBench) -> Result<TriggerFigures, DbError> {
+    let name = format!("ccat_wfm_bench_{}", bench.packages);
+    let url = scratch::recreate(&bench.admin_url, &name).await?;
+    let db = Database::connect_url(&url).await?;
+    let result = trigger_on(&db, bench).await;
+    db.close().await;
+    if !bench.keep {
+        scratch::drop(&bench.admin_url, &name).await?;
+    }
+    result
+}
+
+async fn trigger_on(db: &Database, bench: &TriggerBench) -> Result<TriggerFigures, DbError> {
+    db.migrate().await?;
+    let shape = ArchiveShape {
+        packages: bench.packages,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    db.generate_archive(&shape).await?;
+    db.install_synthetic_pipelines(bench.pipelines_per_module)
+        .await?;
+    db.analyze().await?;
+    let generate_s = started.elapsed().as_secs_f64();
+
+    let mut floor = Duration::MAX;
+    let mut selected = 0;
+    for _ in 0..3 {
+        let started = Instant::now();
+        selected = db.read_floor().await?;
+        floor = floor.min(started.elapsed());
+    }
+    let floor_server_ms = db.floor_server_ms().await?;
+
+    let plan_only = TriggerOptions {
+        processing_location_id: 1,
+        max_new_runs_per_pipeline: 500,
+        dry_run: true,
+        only_pipeline: None,
+        list_gaps: false,
+    };
+    let mut evaluator = Evaluator::default();
+    let (full, report) = timed_cycle(&mut evaluator, db, &plan_only).await?;
+    let gaps_found = gaps(&report);
+    let (rss_mb, _) = memory_mb();
+
+    let mut quiet = Vec::new();
+    for _ in 0..5 {
+        let (elapsed, report) = timed_cycle(&mut evaluator, db, &plan_only).await?;
+        assert_eq!(report.changed_packages + report.changed_runs, 0);
+        quiet.push(elapsed);
+    }
+    quiet.sort();
+
+    let new_packages = 100;
+    db.append_packages(&shape, bench.packages + 1, bench.packages + new_packages)
+        .await?;
+    let (after_new, report) = timed_cycle(&mut evaluator, db, &plan_only).await?;
+    let new_packages_gaps = gaps(&report);
+    let (_, peak_rss_mb) = memory_mb();
+
+    // A real manager's first cycle: evaluates everything and creates runs.
+    let creating = TriggerOptions {
+        dry_run: false,
+        ..plan_only
+    };
+    let (creating_cycle, report) = timed_cycle(&mut Evaluator::default(), db, &creating).await?;
+
+    Ok(TriggerFigures {
+        packages: bench.packages,
+        pipelines: bench.pipelines_per_module * crate::db::synthetic::MODULES.len() as i64,
+        selected_packages: selected,
+        generate_s,
+        floor_ms: ms(floor),
+        floor_server_ms,
+        full_cycle_ms: ms(full),
+        gaps_found,
+        no_change_cycle_ms: ms(quiet[quiet.len() / 2]),
+        new_packages,
+        new_packages_cycle_ms: ms(after_new),
+        new_packages_gaps,
+        packages_per_s: bench.packages as f64 / full.as_secs_f64(),
+        rss_mb,
+        peak_rss_mb,
+        creating_cycle_ms: ms(creating_cycle),
+        runs_created: report.created(),
+    })
+}
+
+/// The figures beside the issue's goals, one line each, with a verdict.
+pub fn render_trigger(f: &TriggerFigures) -> String {
+    let verdict = |ok: bool| if ok { "met" } else { "NOT MET" };
+    let floor_goal = 3.0 * f.floor_ms;
+    let mut out = format!(
+        "trigger-manager on PostgreSQL: {} packages ({} selected), {} pipelines, \
+         generated in {:.1} s\n",
+        f.packages, f.selected_packages, f.pipelines, f.generate_s
+    );
+    out += &format!(
+        "  floor: plain query, streamed       {:>10.1} ms   (inside PostgreSQL: {})\n",
+        f.floor_ms,
+        f.floor_server_ms
+            .map_or("n/a".into(), |s| format!("{s:.1} ms"))
+    );
+    out += &format!(
+        "  first full cycle                   {:>10.1} ms   goal <= 3x floor = {:.1} ms and < 10000 ms: {}\n",
+        f.full_cycle_ms,
+        floor_goal,
+        verdict(f.full_cycle_ms <= floor_goal && f.full_cycle_ms < 10_000.0)
+    );
+    out += &format!(
+        "  no-change cycle (median of 5)      {:>10.2} ms   goal <= full/500 = {:.2} ms and < 20 ms: {}\n",
+        f.no_change_cycle_ms,
+        f.full_cycle_ms / 500.0,
+        verdict(f.no_change_cycle_ms <= f.full_cycle_ms / 500.0 && f.no_change_cycle_ms < 20.0)
+    );
+    out += &format!(
+        "  cycle after {} new packages       {:>10.1} ms   goal <= full/50 = {:.1} ms and < 200 ms: {}\n",
+        f.new_packages,
+        f.new_packages_cycle_ms,
+        f.full_cycle_ms / 50.0,
+        verdict(
+            f.new_packages_cycle_ms <= f.full_cycle_ms / 50.0 && f.new_packages_cycle_ms < 200.0
+        )
+    );
+    out += &format!(
+        "  resident memory after full cycle   {:>10.1} MB   peak {:.1} MB; goal < 100 MB: {}\n",
+        f.rss_mb,
+        f.peak_rss_mb,
+        verdict(f.peak_rss_mb < 100.0)
+    );
+    out += &format!(
+        "  evaluation throughput              {:>10.0} packages/s ({} gaps found; {} after the new packages)\n",
+        f.packages_per_s, f.gaps_found, f.new_packages_gaps
+    );
+    out += &format!(
+        "  first cycle creating runs          {:>10.1} ms   ({} runs created, bound 500 per pipeline)\n",
+        f.creating_cycle_ms, f.runs_created
+    );
+    out
+}

@@ -1,0 +1,72 @@
+//! Scratch PostgreSQL databases for benchmarks and demonstrations: created fresh from an
+//! administrative URL, dropped afterwards.
+
+use sqlx::Connection;
+
+use super::{DbError, redact_url};
+
+/// `url` with its database replaced by `database` (query parameters kept).
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{root}/{database}?{q}"),
+        None => format!("{root}/{database}"),
+    }
+}
+
+fn checked(name: &str) -> &str {
+    assert!(
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "scratch database names are [a-z0-9_]"
+    );
+    name
+}
+
+/// Drops (if present) and creates database `name`; returns its URL.
+pub async fn recreate(admin_url: &str, name: &str) -> Result<String, DbError> {
+    let name = checked(name);
+    drop(admin_url, name).await?;
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .map_err(|source| DbError::Connect {
+            target: redact_url(admin_url),
+            source,
+        })?;
+    // The name is checked to be [a-z0-9_] above.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await
+        .map_err(DbError::query("creating a scratch database"))?;
+    admin.close().await.ok();
+    Ok(with_database(admin_url, name))
+}
+
+/// Drops database `name` if it exists, ending its sessions.
+pub async fn drop(admin_url: &str, name: &str) -> Result<(), DbError> {
+    let name = checked(name);
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .map_err(|source| DbError::Connect {
+            target: redact_url(admin_url),
+            source,
+        })?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .map_err(DbError::query("dropping a scratch database"))?;
+    admin.close().await.ok();
+    Ok(())
+}
