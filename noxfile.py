@@ -4,6 +4,8 @@ Sessions:
   tests  Rust tests on SQLite and PostgreSQL, then the wheel built, installed and tested
          with pytest (services from scripts/services.sh).
   lint   rustfmt and clippy (warnings are errors), with and without the Python bindings.
+  bench  performance figures beside the goals they are judged against (not run by CI;
+         run it on a quiet machine). `-- 10000 100000` picks archive sizes.
 """
 
 from __future__ import annotations
@@ -59,3 +61,20 @@ def lint(session: nox.Session) -> None:
         "cargo", "clippy", "--locked", "--features", "python", "--lib", "--", "-D", "warnings",
         external=True, env=env,
     )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The trigger-manager benchmark on PostgreSQL at 10k, 100k and 1M packages."""
+    env = services_env(session)
+    session.run("cargo", "build", "--locked", "--release", external=True)
+    sizes = session.posargs or ["10000", "100000", "1000000"]
+    for size in sizes:
+        # One process per size, so that each reports its own peak memory.
+        session.run(
+            str(ROOT / "target" / "release" / "ccat-wfm"),
+            "--log-level", "warn,sqlx=error",
+            "bench", "trigger", "--packages", size,
+            external=True,
+            env={**env, "CCAT_BENCH_POSTGRES_URL": env["CCAT_TEST_POSTGRES_URL"]},
+        )

@@ -152,6 +152,7 @@ async fn trigger_on(db: &Database, bench: &TriggerBench) -> Result<TriggerFigure
     let (_, peak_rss_mb) = memory_mb();
 
     // A real manager's first cycle: evaluates everything and creates runs.
+    drop(evaluator);
     let creating = TriggerOptions {
         dry_run: false,
         ..plan_only

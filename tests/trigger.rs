@@ -758,3 +758,46 @@ async fn held_back_gaps_are_created_in_later_cycles_without_any_change() {
         assert_eq!(run_count(db).await, 3, "{}", t.url);
     }
 }
+
+#[tokio::test]
+async fn a_synthetic_archive_is_evaluated_alike_on_both_databases() {
+    use ccat_workflow_manager::db::synthetic::ArchiveShape;
+    let shape = ArchiveShape {
+        packages: 1000,
+        ..Default::default()
+    };
+    let mut found = Vec::new();
+    for t in TestDatabase::both_migrated("synthetic").await {
+        let db = &t.db;
+        db.generate_archive(&shape).await.unwrap();
+        db.install_synthetic_pipelines(2).await.unwrap();
+        let selected = db.read_floor().await.unwrap();
+        // Every 100th package is still in transfer, every 20th failed its quality check.
+        assert_eq!(selected, 950, "{}", t.url);
+        let mut preview = options();
+        preview.dry_run = true;
+        let report = trigger::run_cycle(db, &preview, t0()).await.unwrap();
+        assert!(report.errors.is_empty(), "{}: {:?}", t.url, report.errors);
+        assert_eq!(report.pipelines.len(), 10, "{}", t.url);
+        for p in &report.pipelines {
+            // 20 scans to calibrate; baseline and map wait for them.
+            assert_eq!(p.gaps_found, 20, "{}: {}", t.url, p.pipeline);
+        }
+        let mut gaps: Vec<(String, String, String, usize)> = report
+            .pipelines
+            .iter()
+            .flat_map(|p| &p.gaps)
+            .map(|g| {
+                (
+                    g.pipeline.clone(),
+                    g.sub_group_key.clone(),
+                    g.fingerprint.clone(),
+                    g.inputs,
+                )
+            })
+            .collect();
+        gaps.sort();
+        found.push(gaps);
+    }
+    assert_eq!(found[0], found[1], "SQLite and PostgreSQL disagree");
+}

@@ -141,7 +141,11 @@ impl Database {
 
     /// Everything written at or after `horizon`, looking only where `marks` (read since)
     /// say something was.
-    pub async fn changes_since(&self, horizon: i64, marks: &ChangeMarks) -> Result<Changes, DbError> {
+    pub async fn changes_since(
+        &self,
+        horizon: i64,
+        marks: &ChangeMarks,
+    ) -> Result<Changes, DbError> {
         let packages = self
             .changed_packages(horizon, &marks.filter_tables_changed_since(horizon))
             .await?;

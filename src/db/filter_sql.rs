@@ -226,6 +226,11 @@ impl Renderer {
                         let pattern = self.bind(Bind::Text(pattern.clone()));
                         format!("({column} #>> {path}::text[]) LIKE {pattern}")
                     }
+                    // jsonb equality holds only between values of one type: no type test.
+                    Operand::One(value) if rule.operator == Operator::Eq => {
+                        let value = self.bind(Bind::Text(json_value(value).to_string()));
+                        format!("({column} #> {path}::text[]) = {value}::jsonb")
+                    }
                     Operand::One(value) => {
                         let json = json_value(value);
                         let kind = pg_json_type(&json);
@@ -797,6 +802,50 @@ mod tests {
                 dialect,
             );
             assert!(!q.sql.contains("DROP"), "{}", q.sql);
+        }
+    }
+
+    #[test]
+    fn a_shared_query_evaluates_each_distinct_condition_once() {
+        let good = parse_rules(&json!([
+            {"table": "RawDataPackage", "column": "metadata", "json_path": "quality.ok", "operator": "eq", "value": true},
+            {"table": "InstrumentModule", "column": "name", "operator": "eq", "value": "LFA"},
+        ]))
+        .unwrap();
+        let other = parse_rules(&json!([
+            {"table": "RawDataPackage", "column": "metadata", "json_path": "quality.ok", "operator": "eq", "value": true},
+            {"table": "InstrumentModule", "column": "name", "operator": "eq", "value": "HFA"},
+        ]))
+        .unwrap();
+        let specs = [
+            SelectionSpec {
+                rules: &good,
+                instrument_module_id: None,
+            },
+            SelectionSpec {
+                rules: &other,
+                instrument_module_id: Some(2),
+            },
+            SelectionSpec {
+                rules: &[],
+                instrument_module_id: None,
+            },
+        ];
+        for dialect in [Dialect::Postgres, Dialect::Sqlite] {
+            let q = render_shared(&specs, &[Dimension::Source], Some(&[1, 2]), dialect);
+            assert_eq!(q.conditions, 4, "{}", q.query.sql);
+            assert_eq!(
+                q.selection_conditions,
+                vec![vec![0, 1], vec![2, 0, 3], vec![]]
+            );
+            // Every placeholder has its value, in order, and no value is inlined.
+            let placeholders = (1..=q.query.binds.len())
+                .filter(|n| q.query.sql.contains(&format!("${n}")))
+                .count();
+            assert_eq!(placeholders, q.query.binds.len(), "{}", q.query.sql);
+            assert!(!q.query.sql.contains("LFA"), "{}", q.query.sql);
+            assert_eq!(q.query.sql.matches("JOIN instrument_module").count(), 1);
+            assert!(q.query.sql.contains("AS m0"), "{}", q.query.sql);
         }
     }
 }

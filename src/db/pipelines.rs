@@ -245,37 +245,49 @@ impl Database {
         if !whole_steps.is_empty() {
             let steps = serde_json::to_string(whole_steps).expect("ids serialise");
             let sql = match self.dialect() {
-                Dialect::Postgres => "SELECT reduction_step_id, id, sub_group_key, fingerprint, status, retry_count, \
+                Dialect::Postgres => {
+                    "SELECT reduction_step_id, id, sub_group_key, fingerprint, status, retry_count, \
                         max_retries, created_at FROM executed_reduction_step \
-                     WHERE reduction_step_id IN (SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text($1::jsonb))",
-                Dialect::Sqlite => "SELECT reduction_step_id, id, sub_group_key, fingerprint, status, retry_count, \
+                     WHERE reduction_step_id IN (SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text($1::jsonb))"
+                }
+                Dialect::Sqlite => {
+                    "SELECT reduction_step_id, id, sub_group_key, fingerprint, status, retry_count, \
                         max_retries, created_at FROM executed_reduction_step \
-                     WHERE reduction_step_id IN (SELECT value FROM json_each($1))",
+                     WHERE reduction_step_id IN (SELECT value FROM json_each($1))"
+                }
             };
             stamps.extend(self.stamp_rows(sql, steps).await?);
         }
         for chunk in sub_groups.chunks(KEY_CHUNK) {
             let pairs = serde_json::to_string(chunk).expect("keys serialise");
             let sql = match self.dialect() {
-                Dialect::Postgres => "SELECT e.reduction_step_id, e.id, e.sub_group_key, e.fingerprint, e.status, \
+                Dialect::Postgres => {
+                    "SELECT e.reduction_step_id, e.id, e.sub_group_key, e.fingerprint, e.status, \
                         e.retry_count, e.max_retries, e.created_at \
                      FROM executed_reduction_step e \
                      JOIN (SELECT (x ->> 0)::bigint AS step, x ->> 1 AS sub_group_key \
                            FROM jsonb_array_elements($1::jsonb) x) w \
-                       ON e.reduction_step_id = w.step AND e.sub_group_key = w.sub_group_key",
-                Dialect::Sqlite => "SELECT e.reduction_step_id, e.id, e.sub_group_key, e.fingerprint, e.status, \
+                       ON e.reduction_step_id = w.step AND e.sub_group_key = w.sub_group_key"
+                }
+                Dialect::Sqlite => {
+                    "SELECT e.reduction_step_id, e.id, e.sub_group_key, e.fingerprint, e.status, \
                         e.retry_count, e.max_retries, e.created_at \
                      FROM executed_reduction_step e \
                      JOIN (SELECT json_extract(value, '$[0]') AS step, json_extract(value, '$[1]') AS sub_group_key \
                            FROM json_each($1)) w \
-                       ON e.reduction_step_id = w.step AND e.sub_group_key = w.sub_group_key",
+                       ON e.reduction_step_id = w.step AND e.sub_group_key = w.sub_group_key"
+                }
             };
             stamps.extend(self.stamp_rows(sql, pairs).await?);
         }
         Ok(stamps)
     }
 
-    async fn stamp_rows(&self, sql: &'static str, list: String) -> Result<Vec<(i64, RunStamp)>, DbError> {
+    async fn stamp_rows(
+        &self,
+        sql: &'static str,
+        list: String,
+    ) -> Result<Vec<(i64, RunStamp)>, DbError> {
         type Row = (i64, i64, String, String, String, i32, i32, DateTime<Utc>);
         let rows: Vec<Row> = on_pool!(self, pool => {
             sqlx::query_as(sql).bind(list).fetch_all(pool).await
@@ -283,20 +295,31 @@ impl Database {
         .map_err(DbError::query("reading steps' runs"))?;
         Ok(rows
             .into_iter()
-            .map(|(step, id, sub_group_key, fingerprint, status, retry_count, max_retries, created_at)| {
-                (
+            .map(
+                |(
                     step,
-                    RunStamp {
-                        id,
-                        sub_group_key,
-                        fingerprint,
-                        status,
-                        retry_count,
-                        max_retries,
-                        created_at,
-                    },
-                )
-            })
+                    id,
+                    sub_group_key,
+                    fingerprint,
+                    status,
+                    retry_count,
+                    max_retries,
+                    created_at,
+                )| {
+                    (
+                        step,
+                        RunStamp {
+                            id,
+                            sub_group_key,
+                            fingerprint,
+                            status,
+                            retry_count,
+                            max_retries,
+                            created_at,
+                        },
+                    )
+                },
+            )
             .collect())
     }
 

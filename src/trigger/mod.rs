@@ -152,6 +152,12 @@ pub async fn run_cycle(
 /// A re-selection of more packages than this rebuilds the selection instead.
 const REBUILD_ABOVE: usize = 50_000;
 
+/// Each group of a view with the groups of an upstream view holding its packages.
+type Cover = std::sync::Arc<Vec<Vec<GroupId>>>;
+
+/// A selection to build: its rules, instrument-module scope and the `group_by`s wanted.
+type SelectionToBuild<'a> = (&'a [Rule], Option<i64>, &'a BTreeSet<Vec<Dimension>>);
+
 /// One selection's packages, split by each `group_by` its pipelines use.
 #[derive(Debug)]
 struct SelectionCache {
@@ -162,9 +168,24 @@ struct SelectionCache {
     dirty: Vec<Vec<GroupId>>,
     /// Built in this cycle: every pipeline on it is evaluated in full.
     rebuilt: bool,
+    /// Per (view, upstream view), each group's upstream groups: computed once a cycle
+    /// when a full pass needs it, and shared by the pipelines on this selection.
+    covers: std::sync::Mutex<HashMap<(usize, usize), Cover>>,
 }
 
 impl SelectionCache {
+    /// Each group of view `down` with the groups of view `up` holding its packages.
+    fn cover(&self, down: usize, up: usize) -> Cover {
+        let mut covers = self
+            .covers
+            .lock()
+            .expect("never poisoned: no panics inside");
+        covers
+            .entry((down, up))
+            .or_insert_with(|| std::sync::Arc::new(self.views[down].cover_in(&self.views[up])))
+            .clone()
+    }
+
     fn view_index(&self, dims: &[Dimension]) -> usize {
         self.views
             .iter()
@@ -175,7 +196,7 @@ impl SelectionCache {
     /// Builds the caches of several selections from one pass over the packages.
     async fn build_many(
         db: &Database,
-        wanted: &[(&[Rule], Option<i64>, &BTreeSet<Vec<Dimension>>)],
+        wanted: &[SelectionToBuild<'_>],
     ) -> Result<Vec<SelectionCache>, DbError> {
         let started = std::time::Instant::now();
         // Every dimension any view needs, each once: the query's dimension columns.
@@ -239,6 +260,7 @@ impl SelectionCache {
                     dirty: vec![Vec::new(); views.len()],
                     views,
                     rebuilt: true,
+                    covers: Default::default(),
                 }
             })
             .collect())
@@ -246,7 +268,12 @@ impl SelectionCache {
 
     /// Applies the re-selected changed packages (`current`: id → values of the
     /// dimensions `dims`) to every view, noting which groups changed.
-    fn apply(&mut self, changes: &Changes, dims: &[Dimension], current: &HashMap<i64, Vec<String>>) {
+    fn apply(
+        &mut self,
+        changes: &Changes,
+        dims: &[Dimension],
+        current: &HashMap<i64, Vec<String>>,
+    ) {
         let mut changed: Vec<i64> = changes
             .packages
             .iter()
@@ -259,7 +286,11 @@ impl SelectionCache {
             let positions: Vec<usize> = view
                 .dims()
                 .iter()
-                .map(|d| dims.iter().position(|x| x == d).expect("read for every view"))
+                .map(|d| {
+                    dims.iter()
+                        .position(|x| x == d)
+                        .expect("read for every view")
+                })
                 .collect();
             let projected: HashMap<i64, Vec<String>> = current
                 .iter()
@@ -483,6 +514,7 @@ impl Evaluator {
             }
             let cache = self.selections.get_mut(*key).expect("checked above");
             cache.rebuilt = false;
+            cache.covers.get_mut().expect("never poisoned").clear();
             cache.dirty.iter_mut().for_each(Vec::clear);
             if changed > 0 {
                 to_refresh.push((*key, *rules));
@@ -520,7 +552,7 @@ impl Evaluator {
             }
         }
         if !to_build.is_empty() {
-            let specs: Vec<(&[Rule], Option<i64>, &BTreeSet<Vec<Dimension>>)> = to_build
+            let specs: Vec<SelectionToBuild<'_>> = to_build
                 .iter()
                 .map(|(key, rules, sets)| (*rules, key.instrument_module_id, *sets))
                 .collect();
@@ -698,7 +730,10 @@ async fn evaluate_pipeline(
             if count == view.group_count() && count > 0 {
                 whole.push(step.row.id);
             } else {
-                some.extend(bits.ones().map(|g| (step.row.id, view.group(g as GroupId).key.as_str())));
+                some.extend(
+                    bits.ones()
+                        .map(|g| (step.row.id, view.group(g as GroupId).key.as_str())),
+                );
             }
         }
         let mut history: HashMap<i64, Vec<RunStamp>> = HashMap::new();
@@ -707,10 +742,16 @@ async fn evaluate_pipeline(
         }
         let mut states: Vec<StepState> = Vec::with_capacity(plan.steps.len());
         for (i, step) in plan.steps.iter().enumerate() {
-            let upstream: Vec<(&StepState, &View)> = step
+            let upstream: Vec<Upstream<'_>> = step
                 .upstream
                 .iter()
-                .map(|u| (&states[*u], views[*u]))
+                .map(|u| Upstream {
+                    state: &states[*u],
+                    view: views[*u],
+                    same_view: view_index[*u] == view_index[i],
+                    cover: (view_index[*u] != view_index[i] && needed[i].is_full())
+                        .then(|| cache.cover(view_index[i], view_index[*u])),
+                })
                 .collect();
             let outcome = evaluate_step(
                 db,
@@ -826,7 +867,12 @@ fn needed_groups(
     for i in (0..plan.steps.len()).rev() {
         for u in &plan.steps[i].upstream {
             let (before, after) = needed.split_at_mut(i);
-            cover(&after[0], views[i], views[*u], &mut before[*u]);
+            if after[0].is_full() {
+                // All of a step needs all of its upstream steps.
+                before[*u].insert_range(..);
+            } else {
+                cover(&after[0], views[i], views[*u], &mut before[*u]);
+            }
         }
     }
     needed
@@ -847,7 +893,8 @@ enum Progress {
 #[derive(Debug, Default)]
 struct StepState {
     name: String,
-    progress: HashMap<GroupId, Progress>,
+    /// By group id; `None` for groups the pass did not need.
+    progress: Vec<Option<Progress>>,
     /// The products of its completed runs, by run.
     products: HashMap<i64, Vec<i64>>,
 }
@@ -858,13 +905,19 @@ impl StepState {
     fn inputs_for(
         &self,
         view: &View,
-        packages: &[i64],
+        groups: &[GroupId],
         products: &mut Vec<i64>,
         excluded: &mut Vec<Value>,
     ) -> bool {
         let mut wait = false;
-        for g in view.groups_of(packages) {
-            match self.progress.get(&g).copied().unwrap_or(Progress::InFlight) {
+        for &g in groups {
+            match self
+                .progress
+                .get(g as usize)
+                .copied()
+                .flatten()
+                .unwrap_or(Progress::InFlight)
+            {
                 Progress::Completed { run_id } => {
                     products.extend(self.products.get(&run_id).into_iter().flatten().copied());
                 }
@@ -876,6 +929,28 @@ impl StepState {
             }
         }
         wait
+    }
+}
+
+/// An upstream step as a downstream step reads it.
+struct Upstream<'a> {
+    state: &'a StepState,
+    view: &'a View,
+    /// The downstream step groups the same way: group g is upstream group g.
+    same_view: bool,
+    /// Every downstream group's upstream groups, when the pass needs them all.
+    cover: Option<Cover>,
+}
+
+impl Upstream<'_> {
+    fn groups_for(&self, g: GroupId, members: &[i64]) -> std::borrow::Cow<'_, [GroupId]> {
+        if self.same_view {
+            return std::borrow::Cow::Owned(vec![g]);
+        }
+        match &self.cover {
+            Some(cover) => std::borrow::Cow::Borrowed(&cover[g as usize]),
+            None => std::borrow::Cow::Owned(self.view.groups_of(members)),
+        }
     }
 }
 
@@ -906,7 +981,7 @@ async fn evaluate_step(
     needed: &FixedBitSet,
     targets: &FixedBitSet,
     request: Option<&TriggerRequestRow>,
-    upstream: &[(&StepState, &View)],
+    upstream: &[Upstream<'_>],
     held_back: &mut FixedBitSet,
     budget: &mut usize,
     options: &TriggerOptions,
@@ -915,6 +990,7 @@ async fn evaluate_step(
     let mut out = StepOutcome {
         state: StepState {
             name: step.row.name.clone(),
+            progress: vec![None; view.group_count()],
             ..Default::default()
         },
         ..Default::default()
@@ -959,33 +1035,42 @@ async fn evaluate_step(
         let mut products = Vec::new();
         let mut excluded = Vec::new();
         let mut wait = false;
-        for (state, up_view) in upstream {
-            wait |= state.inputs_for(up_view, &group.members, &mut products, &mut excluded);
+        for up in upstream {
+            let groups = up.groups_for(g as GroupId, &group.members);
+            wait |= up
+                .state
+                .inputs_for(up.view, &groups, &mut products, &mut excluded);
         }
         if wait {
-            out.state.progress.insert(g as GroupId, Progress::InFlight);
+            out.state.progress[g] = Some(Progress::InFlight);
             if is_target {
                 held_back.set(g, false);
             }
             continue;
         }
-        let inputs: Vec<InputRef> = if upstream.is_empty() {
-            group
-                .members
-                .iter()
-                .map(|id| InputRef::RawDataPackage(*id))
-                .collect()
-        } else {
-            products
-                .iter()
-                .map(|id| InputRef::DataProduct(*id))
-                .collect()
+        // Built only where a fingerprint is needed.
+        let inputs = || -> Vec<InputRef> {
+            if upstream.is_empty() {
+                group
+                    .members
+                    .iter()
+                    .map(|id| InputRef::RawDataPackage(*id))
+                    .collect()
+            } else {
+                products
+                    .iter()
+                    .map(|id| InputRef::DataProduct(*id))
+                    .collect()
+            }
         };
-        if inputs.is_empty() {
+        let input_count = if upstream.is_empty() {
+            group.members.len()
+        } else {
+            products.len()
+        };
+        if input_count == 0 {
             // Every upstream sub-group failed for good: nothing to process.
-            out.state
-                .progress
-                .insert(g as GroupId, Progress::FailedForGood);
+            out.state.progress[g] = Some(Progress::FailedForGood);
             if is_target {
                 held_back.set(g, false);
             }
@@ -993,7 +1078,8 @@ async fn evaluate_step(
         }
 
         let runs: &[&RunStamp] = history.get(group.key.as_str()).map_or(&[], Vec::as_slice);
-        let fingerprint_of = |config: &Value| fingerprint::fingerprint(&inputs, &software, config);
+        let fingerprint_of =
+            |config: &Value| fingerprint::fingerprint(&inputs(), &software, config);
         let mut current_fp = None;
         let progress = if runs.is_empty() {
             Progress::InFlight
@@ -1006,7 +1092,7 @@ async fn evaluate_step(
             current_fp = Some(fp);
             progress_of(current.copied())
         };
-        out.state.progress.insert(g as GroupId, progress);
+        out.state.progress[g] = Some(progress);
         if !is_target {
             continue;
         }
@@ -1053,7 +1139,7 @@ async fn evaluate_step(
             sub_group_key: group.key.clone(),
             fingerprint: fp.clone(),
             software_version: step.software.version.clone(),
-            inputs: inputs.len(),
+            inputs: input_count,
             reason,
             cooldown_until,
             run_id: None,
@@ -1100,9 +1186,9 @@ async fn evaluate_step(
     let completed: Vec<i64> = out
         .state
         .progress
-        .values()
+        .iter()
         .filter_map(|p| match p {
-            Progress::Completed { run_id } => Some(*run_id),
+            Some(Progress::Completed { run_id }) => Some(*run_id),
             _ => None,
         })
         .collect();

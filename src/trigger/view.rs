@@ -205,6 +205,34 @@ impl View {
             .map(|i| self.package_groups[i])
     }
 
+    /// For every group of this view, the groups of `upstream` holding its packages
+    /// (sorted, each once): one merge of the two sorted package lists.
+    pub fn cover_in(&self, upstream: &View) -> Vec<Vec<GroupId>> {
+        let mut cover: Vec<Vec<GroupId>> = vec![Vec::new(); self.groups.len()];
+        let (mut i, mut j) = (0, 0);
+        let (a, b) = (&self.package_ids, &upstream.package_ids);
+        while i < a.len() && j < b.len() {
+            match a[i].cmp(&b[j]) {
+                std::cmp::Ordering::Less => i += 1,
+                std::cmp::Ordering::Greater => j += 1,
+                std::cmp::Ordering::Equal => {
+                    let list = &mut cover[self.package_groups[i] as usize];
+                    let up = upstream.package_groups[j];
+                    if list.last() != Some(&up) {
+                        list.push(up);
+                    }
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        for list in &mut cover {
+            list.sort_unstable();
+            list.dedup();
+        }
+        cover
+    }
+
     /// The groups of this view that hold any of `packages`, sorted, each once.
     pub fn groups_of(&self, packages: &[i64]) -> Vec<GroupId> {
         let mut groups: Vec<GroupId> = packages.iter().filter_map(|p| self.group_of(*p)).collect();
