@@ -182,7 +182,13 @@ async fn trigger_on(db: &Database, bench: &TriggerBench) -> Result<TriggerFigure
 
 /// The figures beside the issue's goals, one line each, with a verdict.
 pub fn render_trigger(f: &TriggerFigures) -> String {
-    let verdict = |ok: bool| if ok { "met" } else { "NOT MET" };
+    // The goals are set for a million packages; smaller runs show the trend only.
+    let at_scale = f.packages >= 1_000_000;
+    let verdict = |ok: bool| match (at_scale, ok) {
+        (false, _) => "(goal set at 1M packages)",
+        (true, true) => "met",
+        (true, false) => "NOT MET",
+    };
     let floor_goal = 3.0 * f.floor_ms;
     let mut out = format!(
         "trigger-manager on PostgreSQL: {} packages ({} selected), {} pipelines, \

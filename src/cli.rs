@@ -115,6 +115,26 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArg,
     },
+    /// Publish a task to the Celery workers by hand (protocol 2, on the configured Redis).
+    Send {
+        /// The registered task name.
+        task: String,
+        /// The queue (workflow.staging, workflow.hpc, workflow.results).
+        #[arg(long, default_value = crate::celery::QUEUE_HPC)]
+        queue: String,
+        /// 0 (highest) to 9.
+        #[arg(long, default_value_t = 0)]
+        priority: u8,
+        /// Positional arguments as a JSON list.
+        #[arg(long, default_value = "[]")]
+        args: String,
+        /// Keyword arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        kwargs: String,
+        /// The broker's global_keyprefix (must match the workers').
+        #[arg(long, default_value = "")]
+        key_prefix: String,
+    },
     /// Measure performance against the product's goals (not part of the tests).
     Bench {
         #[command(subcommand)]
@@ -245,6 +265,42 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             code
         }
         Command::Health { service, json } => health(&settings, service, json).await,
+        Command::Send {
+            task,
+            queue,
+            priority,
+            args,
+            kwargs,
+            key_prefix,
+        } => {
+            let args: Vec<Value> = match serde_json::from_str(&args) {
+                Ok(Value::Array(items)) => items,
+                _ => {
+                    eprintln!("error: --args must be a JSON list, got {args:?}");
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            let kwargs = match serde_json::from_str(&kwargs) {
+                Ok(Value::Object(map)) => map,
+                _ => {
+                    eprintln!("error: --kwargs must be a JSON object, got {kwargs:?}");
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            let mut message = crate::celery::Task::new(&task, &queue, args);
+            message.kwargs = kwargs;
+            message.priority = priority;
+            let client = health::redis_client(&settings.redis)
+                .context("the Redis settings are not usable")?;
+            let options = crate::celery::BrokerOptions {
+                global_keyprefix: key_prefix,
+                ..Default::default()
+            };
+            let mut producer = crate::celery::Producer::connect(client, options).await?;
+            producer.publish(std::slice::from_ref(&message)).await?;
+            println!("{}", message.id);
+            Ok(0)
+        }
         Command::Bench {
             command:
                 BenchCommand::Trigger {

@@ -4,6 +4,7 @@
 //! with the `python` feature, the extension module `ccat_workflow_manager._core`.
 
 pub mod bench;
+pub mod celery;
 pub mod cli;
 pub mod config;
 pub mod db;
