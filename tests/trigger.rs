@@ -67,6 +67,19 @@ fn created_keys(report: &CycleReport) -> Vec<String> {
     keys
 }
 
+/// A second step `map`, per source, depending on `calibrate`.
+async fn add_map_step(db: &Database) {
+    common::exec(
+        db,
+        r#"INSERT INTO reduction_step (id, pipeline_id, name, step_order, reduction_software_id,
+                                       reduction_software_version_id, group_by, cooldown_seconds)
+             VALUES (2, 1, 'map', 1, 1, 1, '["source"]', 0);
+           INSERT INTO reduction_step_dependency (reduction_step_id, depends_on_step_id) VALUES (2, 1);"#,
+    )
+    .await
+    .unwrap();
+}
+
 /// A new archived CHAI package (id 7) of scan 3.
 async fn add_package_to_scan_3(db: &Database) {
     common::exec(
@@ -396,15 +409,7 @@ async fn a_broken_pipeline_is_reported_and_the_others_still_run() {
 async fn downstream_steps_wait_for_upstream_and_leave_out_what_failed_for_good() {
     for t in setup("dag").await {
         let db = &t.db;
-        common::exec(
-            db,
-            r#"INSERT INTO reduction_step (id, pipeline_id, name, step_order, reduction_software_id,
-                                           reduction_software_version_id, group_by, cooldown_seconds)
-                 VALUES (2, 1, 'map', 1, 1, 1, '["source"]', 0);
-               INSERT INTO reduction_step_dependency (reduction_step_id, depends_on_step_id) VALUES (2, 1);"#,
-        )
-        .await
-        .unwrap();
+        add_map_step(db).await;
         // Calibration runs are created; the maps wait for them.
         let report = cycle(db, t0()).await;
         assert_eq!(report.created(), 3, "{}", t.url);
@@ -592,15 +597,7 @@ async fn incremental_cycles_create_what_a_full_evaluation_would_and_look_only_at
     for t in setup("incremental").await {
         let db = &t.db;
         let url = &t.url;
-        common::exec(
-            db,
-            r#"INSERT INTO reduction_step (id, pipeline_id, name, step_order, reduction_software_id,
-                                           reduction_software_version_id, group_by, cooldown_seconds)
-                 VALUES (2, 1, 'map', 1, 1, 1, '["source"]', 0);
-               INSERT INTO reduction_step_dependency (reduction_step_id, depends_on_step_id) VALUES (2, 1);"#,
-        )
-        .await
-        .unwrap();
+        add_map_step(db).await;
         let mut evaluator = trigger::Evaluator::default();
         // PostgreSQL reports a change again while any older transaction anywhere in the
         // cluster (another test's) is still open: correct, but the counts of what was

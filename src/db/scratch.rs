@@ -33,40 +33,35 @@ fn checked(name: &str) -> &str {
     name
 }
 
-/// Drops (if present) and creates database `name`; returns its URL.
-pub async fn recreate(admin_url: &str, name: &str) -> Result<String, DbError> {
-    let name = checked(name);
-    drop(admin_url, name).await?;
+/// Runs one administrative statement on a connection of its own.
+async fn administer(admin_url: &str, sql: String, what: &'static str) -> Result<(), DbError> {
     let mut admin = sqlx::PgConnection::connect(admin_url)
         .await
         .map_err(|source| DbError::Connect {
             target: redact_url(admin_url),
             source,
         })?;
-    // The name is checked to be [a-z0-9_] above.
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+    // Only ever a statement naming a database checked to be [a-z0-9_].
+    sqlx::query(sqlx::AssertSqlSafe(sql))
         .execute(&mut admin)
         .await
-        .map_err(DbError::query("creating a scratch database"))?;
+        .map_err(DbError::query(what))?;
     admin.close().await.ok();
+    Ok(())
+}
+
+/// Drops (if present) and creates database `name`; returns its URL.
+pub async fn recreate(admin_url: &str, name: &str) -> Result<String, DbError> {
+    let name = checked(name);
+    drop(admin_url, name).await?;
+    let sql = format!("CREATE DATABASE \"{name}\"");
+    administer(admin_url, sql, "creating a scratch database").await?;
     Ok(with_database(admin_url, name))
 }
 
 /// Drops database `name` if it exists, ending its sessions.
 pub async fn drop(admin_url: &str, name: &str) -> Result<(), DbError> {
     let name = checked(name);
-    let mut admin = sqlx::PgConnection::connect(admin_url)
-        .await
-        .map_err(|source| DbError::Connect {
-            target: redact_url(admin_url),
-            source,
-        })?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .map_err(DbError::query("dropping a scratch database"))?;
-    admin.close().await.ok();
-    Ok(())
+    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    administer(admin_url, sql, "dropping a scratch database").await
 }

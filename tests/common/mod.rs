@@ -46,22 +46,7 @@ fn unique_name(label: &str) -> String {
     )
 }
 
-/// Replaces the database of a `postgres://` URL.
-pub fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let root = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{root}/{database}?{q}"),
-        None => format!("{root}/{database}"),
-    }
-}
+pub use ccat_workflow_manager::db::scratch::with_database;
 
 /// A database that exists for one test and is removed afterwards.
 pub struct TestDatabase {
