@@ -5,7 +5,8 @@ Sessions:
          with pytest (services from scripts/services.sh).
   lint   rustfmt and clippy (warnings are errors), with and without the Python bindings.
   bench  performance figures beside the goals they are judged against (not run by CI;
-         run it on a quiet machine). `-- 10000 100000` picks archive sizes.
+         run it on a quiet machine): Celery publishing, then the trigger-manager;
+         `-- 10000 100000` picks archive sizes.
 """
 
 from __future__ import annotations
@@ -65,9 +66,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The trigger-manager benchmark on PostgreSQL at 10k, 100k and 1M packages."""
+    """Celery publishing (Rust beside Python's send_task), then the trigger-manager on
+    PostgreSQL at 10k, 100k and 1M packages."""
     env = services_env(session)
     session.run("cargo", "build", "--locked", "--release", external=True)
+    binary = str(ROOT / "target" / "release" / "ccat-wfm")
+    session.install("celery[redis]>=5.5,<6")
+    session.run("python", str(ROOT / "scripts" / "bench_publish.py"), env["CCAT_TEST_REDIS_URL"], binary)
     sizes = session.posargs or ["10000", "100000", "1000000"]
     for size in sizes:
         # One process per size, so that each reports its own peak memory.

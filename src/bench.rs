@@ -238,3 +238,74 @@ pub fn render_trigger(f: &TriggerFigures) -> String {
     );
     out
 }
+
+/// The figures of one publishing benchmark run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishFigures {
+    pub tasks: usize,
+    pub batch: usize,
+    pub seconds: f64,
+    pub tasks_per_s: f64,
+}
+
+/// Publishes `tasks` protocol-2 messages to Redis in pipelined batches of `batch`, under a
+/// scratch key prefix that is deleted afterwards, and times it.
+pub async fn publish(
+    redis_url: &str,
+    tasks: usize,
+    batch: usize,
+) -> Result<PublishFigures, crate::celery::CeleryError> {
+    use crate::celery::{BrokerOptions, CeleryError, Producer, QUEUE_HPC, Task};
+    let client = redis::Client::open(redis_url)
+        .map_err(|source| CeleryError::Publish { count: 0, source })?;
+    let prefix = format!("ccat-bench-{}:", uuid::Uuid::new_v4());
+    let options = BrokerOptions {
+        global_keyprefix: prefix.clone(),
+        ..Default::default()
+    };
+    let mut producer = Producer::connect(client.clone(), options).await?;
+    let batch = batch.max(1);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < tasks {
+        let n = batch.min(tasks - sent);
+        // Building the messages is part of publishing, as it is for send_task.
+        let messages: Vec<Task> = (sent..sent + n)
+            .map(|i| {
+                let mut t = Task::new(
+                    "ccat_workflow_manager.tasks.submit_run",
+                    QUEUE_HPC,
+                    vec![serde_json::json!(i)],
+                );
+                t.priority = (i % 10) as u8;
+                t
+            })
+            .collect();
+        producer.publish(&messages).await?;
+        sent += n;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Drop the scratch queues.
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|source| CeleryError::Publish { count: 0, source })?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .map_err(|source| CeleryError::Publish { count: 0, source })?;
+    if !keys.is_empty() {
+        redis::cmd("DEL")
+            .arg(&keys)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|source| CeleryError::Publish { count: 0, source })?;
+    }
+    Ok(PublishFigures {
+        tasks,
+        batch,
+        seconds,
+        tasks_per_s: tasks as f64 / seconds,
+    })
+}

@@ -144,6 +144,22 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Time publishing Celery tasks to Redis (pipelined batches, scratch key prefix);
+    /// `nox -s bench` runs it beside Python Celery's send_task.
+    Publish {
+        /// Redis URL.
+        #[arg(long, env = "CCAT_BENCH_REDIS_URL", value_name = "URL")]
+        redis_url: String,
+        /// Tasks to publish.
+        #[arg(long, default_value_t = 100_000)]
+        tasks: usize,
+        /// Tasks per pipelined round trip.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time trigger cycles on a generated archive in a scratch PostgreSQL database:
     /// first full cycle, no-change cycle, cycle after 100 new packages, against the
     /// floor of one plain query reading the same packages.
@@ -299,6 +315,26 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             let mut producer = crate::celery::Producer::connect(client, options).await?;
             producer.publish(std::slice::from_ref(&message)).await?;
             println!("{}", message.id);
+            Ok(0)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Publish {
+                    redis_url,
+                    tasks,
+                    batch,
+                    json,
+                },
+        } => {
+            let figures = crate::bench::publish(&redis_url, tasks, batch).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            } else {
+                println!(
+                    "Rust producer: {} tasks in {:.3} s = {:.0} tasks/s (batches of {})",
+                    figures.tasks, figures.seconds, figures.tasks_per_s, figures.batch
+                );
+            }
             Ok(0)
         }
         Command::Bench {
