@@ -21,19 +21,11 @@ pub struct Changes {
     pub runs_deleted: bool,
 }
 
-impl Changes {
-    pub fn is_empty(&self) -> bool {
-        self.packages.is_empty()
-            && self.deleted_packages.is_empty()
-            && self.runs.is_empty()
-            && !self.runs_deleted
-    }
-}
-
 /// The newest change marks, read in one query together with a new horizon.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChangeMarks {
-    /// The horizon to keep for the next cycle (see [`Database::change_horizon`]).
+    /// The horizon to keep for the next cycle: every write below it is visible to the
+    /// reads that follow; writes at or above it are reported again next cycle.
     pub horizon: i64,
     /// Newest mark of the packages and of each table their selection joins, in the
     /// order of [`FILTER_TABLES`].
@@ -119,24 +111,6 @@ impl Database {
             definitions: marks[9],
             tombstones: marks[10],
         })
-    }
-
-    /// The horizon to take before reading: every write below it is visible to the reads
-    /// that follow; writes at or above it are reported again by [`Database::changes_since`].
-    pub async fn change_horizon(&self) -> Result<i64, DbError> {
-        match self {
-            Database::Postgres(pool) => {
-                sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-                    .fetch_one(pool)
-                    .await
-            }
-            Database::Sqlite(pool) => {
-                sqlx::query_scalar("SELECT value + 1 FROM change_clock WHERE id = 1")
-                    .fetch_one(pool)
-                    .await
-            }
-        }
-        .map_err(DbError::query("reading the change horizon"))
     }
 
     /// Everything written at or after `horizon`, looking only where `marks` (read since)

@@ -115,8 +115,6 @@ pub struct Selection<'a> {
     pub group_by: &'a [Dimension],
     /// Only packages in state ARCHIVED (what processing can use).
     pub only_archived: bool,
-    /// Only these packages (an incremental re-selection of what changed).
-    pub only_packages: Option<&'a [i64]>,
 }
 
 /// One matching package with its dimension values in `group_by` order.
@@ -342,53 +340,6 @@ fn sqlite_json_types(value: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Renders the query for a selection: `SELECT rdp.id, <dimension values…>`, in no
-/// particular order (sorting a million rows is the caller's cheaper job).
-pub fn render(selection: &Selection<'_>, dialect: Dialect) -> RenderedQuery {
-    let mut r = Renderer {
-        dialect,
-        binds: Vec::new(),
-    };
-    let mut needed: Vec<FilterTable> = Vec::new();
-    let mut columns = vec!["rdp.id".to_owned()];
-    for dim in selection.group_by {
-        let (table, expr) = dimension_sql(*dim, dialect);
-        needed.push(table);
-        columns.push(expr.to_owned());
-    }
-    let mut conditions = Vec::new();
-    if selection.only_archived {
-        conditions.push("rdp.state = 'ARCHIVED'".to_owned());
-    }
-    if let Some(id) = selection.instrument_module_id {
-        let p = r.bind(Bind::Int(id));
-        conditions.push(format!("rdp.instrument_module_id = {p}"));
-    }
-    if let Some(ids) = selection.only_packages {
-        conditions.push(r.id_list("rdp.id", ids));
-    }
-    for rule in selection.rules {
-        needed.push(rule.table);
-        conditions.push(r.rule(rule));
-    }
-
-    let joins = joins_for(needed);
-
-    let mut sql = format!("SELECT {} FROM raw_data_package rdp", columns.join(", "));
-    for clause in joins {
-        sql.push(' ');
-        sql.push_str(clause);
-    }
-    if !conditions.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conditions.join(" AND "));
-    }
-    RenderedQuery {
-        sql,
-        binds: r.binds,
-    }
-}
-
 /// One selection among several read together (see [`render_shared`]).
 #[derive(Debug, Clone, Copy)]
 pub struct SelectionSpec<'a> {
@@ -417,6 +368,7 @@ pub fn render_shared(
     selections: &[SelectionSpec<'_>],
     group_by: &[Dimension],
     only_packages: Option<&[i64]>,
+    only_archived: bool,
     dialect: Dialect,
 ) -> SharedQuery {
     let mut r = Renderer {
@@ -487,10 +439,17 @@ pub fn render_shared(
     // package, in the select list, and the caller skips packages that match no selection.
     // This keeps one plain scan (which PostgreSQL may run in parallel) for any number of
     // selections, at the price of streaming archived packages no pipeline reads.
-    let mut sql = format!("{inner} WHERE rdp.state = 'ARCHIVED'");
+    let mut filters = Vec::new();
+    if only_archived {
+        filters.push("rdp.state = 'ARCHIVED'".to_owned());
+    }
     if let Some(ids) = only_packages {
-        sql.push_str(" AND ");
-        sql.push_str(&r.id_list("rdp.id", ids));
+        filters.push(r.id_list("rdp.id", ids));
+    }
+    let mut sql = inner;
+    if !filters.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&filters.join(" AND "));
     }
     SharedQuery {
         conditions: conditions.len(),
@@ -526,34 +485,33 @@ fn joins_for(tables: Vec<FilterTable>) -> Vec<&'static str> {
 }
 
 impl Database {
-    /// The packages matching a selection, with their dimension values, ordered by id.
+    /// The packages matching one selection, with their dimension values, ordered by id
+    /// (the shared query, for one selection).
     pub async fn select_packages(
         &self,
         selection: &Selection<'_>,
     ) -> Result<Vec<PackageRow>, DbError> {
+        let spec = SelectionSpec {
+            rules: selection.rules,
+            instrument_module_id: selection.instrument_module_id,
+        };
+        let shared = render_shared(
+            &[spec],
+            selection.group_by,
+            None,
+            selection.only_archived,
+            self.dialect(),
+        );
         let mut rows = Vec::new();
-        self.for_each_package(selection, |row| rows.push(row))
-            .await?;
-        rows.sort_unstable_by_key(|r| r.id);
-        Ok(rows)
-    }
-
-    /// Streams the packages matching a selection to `each`, in no particular order,
-    /// without holding the result set in memory. Returns how many there were.
-    pub async fn for_each_package(
-        &self,
-        selection: &Selection<'_>,
-        mut each: impl FnMut(PackageRow),
-    ) -> Result<usize, DbError> {
-        let rendered = render(selection, self.dialect());
-        let width = selection.group_by.len();
-        self.stream(rendered, width, 0, false, |id, dimensions, _| {
-            each(PackageRow {
+        self.stream_shared(shared, selection.group_by.len(), true, |id, dims, _| {
+            rows.push(PackageRow {
                 id,
-                dimensions: dimensions.iter().map(|d| (*d).to_owned()).collect(),
+                dimensions: dims.iter().map(|d| (*d).to_owned()).collect(),
             })
         })
-        .await
+        .await?;
+        rows.sort_unstable_by_key(|r| r.id);
+        Ok(rows)
     }
 
     /// Streams the archived packages of several selections, read in one pass, to
@@ -566,28 +524,34 @@ impl Database {
         selections: &[SelectionSpec<'_>],
         group_by: &[Dimension],
         only_packages: Option<&[i64]>,
+        each: impl FnMut(i64, &[&str], &[bool]),
+    ) -> Result<usize, DbError> {
+        let shared = render_shared(selections, group_by, only_packages, true, self.dialect());
+        self.stream_shared(shared, group_by.len(), only_packages.is_none(), each)
+            .await
+    }
+
+    /// Runs a shared query and hands each package some selection holds to `each`, with
+    /// which selections hold it.
+    async fn stream_shared(
+        &self,
+        shared: SharedQuery,
+        width: usize,
+        bulk: bool,
         mut each: impl FnMut(i64, &[&str], &[bool]),
     ) -> Result<usize, DbError> {
-        let shared = render_shared(selections, group_by, only_packages, self.dialect());
-        let bulk = only_packages.is_none();
-        let mut matches = vec![false; selections.len()];
+        let mut matches = vec![false; shared.selection_conditions.len()];
         let per_selection = shared.selection_conditions;
         let masks = shared.conditions.div_ceil(MASK_BITS);
-        self.stream(
-            shared.query,
-            group_by.len(),
-            masks,
-            bulk,
-            |id, dims, masks| {
-                let holds = |c: &usize| masks[c / MASK_BITS] & (1 << (c % MASK_BITS)) != 0;
-                for (m, mine) in matches.iter_mut().zip(&per_selection) {
-                    *m = mine.iter().all(holds);
-                }
-                if matches.contains(&true) {
-                    each(id, dims, &matches)
-                }
-            },
-        )
+        self.stream(shared.query, width, masks, bulk, |id, dims, masks| {
+            let holds = |c: &usize| masks[c / MASK_BITS] & (1 << (c % MASK_BITS)) != 0;
+            for (m, mine) in matches.iter_mut().zip(&per_selection) {
+                *m = mine.iter().all(holds);
+            }
+            if matches.contains(&true) {
+                each(id, dims, &matches)
+            }
+        })
         .await
     }
 
@@ -763,12 +727,18 @@ mod tests {
             {"table": "ObsUnit", "column": "name", "operator": "like", "value": "scan%"},
         ]))
         .unwrap();
-        let sel = Selection {
+        let spec = SelectionSpec {
             rules: &rules,
-            group_by: &[Dimension::Night, Dimension::Source],
-            ..Default::default()
+            instrument_module_id: None,
         };
-        let q = render(&sel, Dialect::Postgres);
+        let q = render_shared(
+            &[spec],
+            &[Dimension::Night, Dimension::Source],
+            None,
+            true,
+            Dialect::Postgres,
+        )
+        .query;
         assert_eq!(
             q.sql.matches("JOIN executed_obs_unit").count(),
             1,
@@ -794,13 +764,11 @@ mod tests {
         ]))
         .unwrap();
         for dialect in [Dialect::Postgres, Dialect::Sqlite] {
-            let q = render(
-                &Selection {
-                    rules: &rules,
-                    ..Default::default()
-                },
-                dialect,
-            );
+            let spec = SelectionSpec {
+                rules: &rules,
+                instrument_module_id: None,
+            };
+            let q = render_shared(&[spec], &[], None, true, dialect).query;
             assert!(!q.sql.contains("DROP"), "{}", q.sql);
         }
     }
@@ -832,7 +800,7 @@ mod tests {
             },
         ];
         for dialect in [Dialect::Postgres, Dialect::Sqlite] {
-            let q = render_shared(&specs, &[Dimension::Source], Some(&[1, 2]), dialect);
+            let q = render_shared(&specs, &[Dimension::Source], Some(&[1, 2]), true, dialect);
             assert_eq!(q.conditions, 4, "{}", q.query.sql);
             assert_eq!(
                 q.selection_conditions,

@@ -60,6 +60,14 @@ pub struct RunStamp {
     pub created_at: DateTime<Utc>,
 }
 
+/// A run stamp with its step, as one query over several steps returns it.
+#[derive(Debug, sqlx::FromRow)]
+struct StepRunStamp {
+    reduction_step_id: i64,
+    #[sqlx(flatten)]
+    stamp: RunStamp,
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TriggerRequestRow {
     pub id: i64,
@@ -183,57 +191,6 @@ impl Database {
         .map_err(DbError::query("reading software versions"))
     }
 
-    /// Every run of a step: its sub-group, fingerprint and creation time.
-    pub async fn step_run_stamps(&self, reduction_step_id: i64) -> Result<Vec<RunStamp>, DbError> {
-        on_pool!(self, pool => {
-            sqlx::query_as(
-                "SELECT id, sub_group_key, fingerprint, status, retry_count, max_retries, created_at \
-                 FROM executed_reduction_step WHERE reduction_step_id = $1",
-            )
-            .bind(reduction_step_id)
-            .fetch_all(pool)
-            .await
-        })
-        .map_err(DbError::query("reading a step's runs"))
-    }
-
-    /// The runs of a step for some of its sub-groups.
-    pub async fn step_run_stamps_for(
-        &self,
-        reduction_step_id: i64,
-        sub_group_keys: &[&str],
-    ) -> Result<Vec<RunStamp>, DbError> {
-        let mut stamps = Vec::new();
-        for chunk in sub_group_keys.chunks(KEY_CHUNK) {
-            let keys = serde_json::to_string(chunk).expect("keys serialise");
-            let what = DbError::query("reading a step's runs");
-            let part: Vec<RunStamp> = match self {
-                Database::Postgres(pool) => sqlx::query_as(
-                    "SELECT id, sub_group_key, fingerprint, status, retry_count, max_retries, created_at \
-                     FROM executed_reduction_step WHERE reduction_step_id = $1 \
-                       AND sub_group_key IN (SELECT jsonb_array_elements_text($2::jsonb))",
-                )
-                .bind(reduction_step_id)
-                .bind(keys)
-                .fetch_all(pool)
-                .await
-                .map_err(what)?,
-                Database::Sqlite(pool) => sqlx::query_as(
-                    "SELECT id, sub_group_key, fingerprint, status, retry_count, max_retries, created_at \
-                     FROM executed_reduction_step WHERE reduction_step_id = $1 \
-                       AND sub_group_key IN (SELECT value FROM json_each($2))",
-                )
-                .bind(reduction_step_id)
-                .bind(keys)
-                .fetch_all(pool)
-                .await
-                .map_err(what)?,
-            };
-            stamps.extend(part);
-        }
-        Ok(stamps)
-    }
-
     /// Every run of several steps, and the runs of some sub-groups of other steps, in
     /// at most two queries: `(step, sub-group key)` pairs are looked up by the unique key.
     pub async fn run_stamps(
@@ -288,38 +245,13 @@ impl Database {
         sql: &'static str,
         list: String,
     ) -> Result<Vec<(i64, RunStamp)>, DbError> {
-        type Row = (i64, i64, String, String, String, i32, i32, DateTime<Utc>);
-        let rows: Vec<Row> = on_pool!(self, pool => {
+        let rows: Vec<StepRunStamp> = on_pool!(self, pool => {
             sqlx::query_as(sql).bind(list).fetch_all(pool).await
         })
         .map_err(DbError::query("reading steps' runs"))?;
         Ok(rows
             .into_iter()
-            .map(
-                |(
-                    step,
-                    id,
-                    sub_group_key,
-                    fingerprint,
-                    status,
-                    retry_count,
-                    max_retries,
-                    created_at,
-                )| {
-                    (
-                        step,
-                        RunStamp {
-                            id,
-                            sub_group_key,
-                            fingerprint,
-                            status,
-                            retry_count,
-                            max_retries,
-                            created_at,
-                        },
-                    )
-                },
-            )
+            .map(|r| (r.reduction_step_id, r.stamp))
             .collect())
     }
 

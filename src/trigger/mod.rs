@@ -622,16 +622,12 @@ async fn evaluate_pipeline(
         return Ok(report);
     }
     report.evaluated = true;
-    let views: Vec<&View> = plan
-        .steps
-        .iter()
-        .map(|s| &cache.views[cache.view_index(&s.dims)])
-        .collect();
     let view_index: Vec<usize> = plan
         .steps
         .iter()
         .map(|s| cache.view_index(&s.dims))
         .collect();
+    let views: Vec<&View> = view_index.iter().map(|v| &cache.views[*v]).collect();
 
     // Incremental only for a continuous pipeline whose definition and selection are as
     // they were; a firing cron or manual pipeline is looked at in full.
@@ -942,18 +938,6 @@ struct Upstream<'a> {
     cover: Option<Cover>,
 }
 
-impl Upstream<'_> {
-    fn groups_for(&self, g: GroupId, members: &[i64]) -> std::borrow::Cow<'_, [GroupId]> {
-        if self.same_view {
-            return std::borrow::Cow::Owned(vec![g]);
-        }
-        match &self.cover {
-            Some(cover) => std::borrow::Cow::Borrowed(&cover[g as usize]),
-            None => std::borrow::Cow::Owned(self.view.groups_of(members)),
-        }
-    }
-}
-
 /// What evaluating one step found.
 #[derive(Debug, Default)]
 struct StepOutcome {
@@ -1036,10 +1020,20 @@ async fn evaluate_step(
         let mut excluded = Vec::new();
         let mut wait = false;
         for up in upstream {
-            let groups = up.groups_for(g as GroupId, &group.members);
+            // The upstream groups holding this group's packages.
+            let same = [g as GroupId];
+            let looked_up;
+            let groups: &[GroupId] = match &up.cover {
+                _ if up.same_view => &same,
+                Some(cover) => &cover[g],
+                None => {
+                    looked_up = up.view.groups_of(&group.members);
+                    &looked_up
+                }
+            };
             wait |= up
                 .state
-                .inputs_for(up.view, &groups, &mut products, &mut excluded);
+                .inputs_for(up.view, groups, &mut products, &mut excluded);
         }
         if wait {
             out.state.progress[g] = Some(Progress::InFlight);
