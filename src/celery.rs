@@ -222,7 +222,13 @@ impl Producer {
         client: redis::Client,
         options: BrokerOptions,
     ) -> Result<Self, CeleryError> {
-        let conn = redis::aio::ConnectionManager::new(client)
+        // redis-rs waits 500 ms for a reply by default: too little for a batch of a
+        // thousand messages on a loaded broker, and a timed-out batch is sent again.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
+        let conn = client
+            .get_connection_manager_with_config(config)
             .await
             .map_err(|source| CeleryError::Publish { count: 0, source })?;
         let host = gethostname::gethostname().to_string_lossy().into_owned();
