@@ -89,6 +89,46 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArg,
     },
+    /// Run the workflow-manager: claim pending runs, stage their inputs, submit their jobs.
+    WorkflowManager {
+        /// Run one cycle, print what it did, and exit.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
+    /// Run the result-manager: follow submitted jobs, record how they ended, retry
+    /// failures, stop the jobs of cancelled runs.
+    ResultManager {
+        /// Run one cycle, print what it did, and exit.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
+    /// Cancel a run: it is never collected, and its job is stopped by the result-manager.
+    Cancel {
+        /// The run's id.
+        run_id: i64,
+        /// Why (kept on the run).
+        #[arg(long, default_value = "cancelled by an operator")]
+        reason: String,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
+    /// The local backend's job wrapper (started by the workflow-manager, not by hand).
+    #[command(hide = true)]
+    JobWrapper {
+        /// The attempt directory: pid and exit records are written there.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Seconds after which the job is killed (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        time_limit: u64,
+        /// The job's command.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Show the health of every manager reporting to Redis; exits 1 when any is down or
     /// stale (usable as a container health check with --service).
     Health {
@@ -243,6 +283,19 @@ where
             return if err.use_stderr() { EXIT_USAGE } else { 0 };
         }
     };
+    // The wrapper runs beside the job, with nothing to configure or log.
+    if let Command::JobWrapper {
+        dir,
+        time_limit,
+        argv,
+    } = &cli.command
+    {
+        return crate::backend::local::run_wrapper(
+            dir,
+            std::time::Duration::from_secs(*time_limit),
+            argv,
+        );
+    }
     logging::init(cli.log_format, &cli.log_level);
 
     let explicit = (!cli.settings.is_empty()).then_some(cli.settings.as_slice());
@@ -360,6 +413,31 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
                 print!("{}", crate::bench::render_trigger(&figures));
             }
             Ok(0)
+        }
+        Command::JobWrapper { .. } => unreachable!("handled before the runtime starts"),
+        Command::WorkflowManager { once, db } => {
+            let db = open_database(&settings, &db).await?;
+            let code = workflow_manager(&settings, &db, once).await;
+            db.close().await;
+            code
+        }
+        Command::ResultManager { once, db } => {
+            let db = open_database(&settings, &db).await?;
+            let code = result_manager(&settings, &db, once).await;
+            db.close().await;
+            code
+        }
+        Command::Cancel { run_id, reason, db } => {
+            let db = open_database(&settings, &db).await?;
+            let done = db.cancel_run(run_id, &reason).await?;
+            db.close().await;
+            if done {
+                println!("run {run_id} cancelled");
+                Ok(0)
+            } else {
+                eprintln!("error: run {run_id} does not exist or has already finished");
+                Ok(EXIT_PROBLEM)
+            }
         }
         Command::TriggerManager { once, db } => {
             let db = open_database(&settings, &db).await?;
@@ -527,34 +605,78 @@ async fn gaps(
     })
 }
 
+/// What one manager cycle reports to the loop: items handled and the first problem.
+struct CycleOutcome {
+    items: u64,
+    error: Option<String>,
+}
+
+/// The poll–work–sleep loop every manager runs: a heartbeat in Redis for as long as it
+/// runs, a cycle every `interval`, and a clean stop on SIGTERM/SIGINT after the cycle.
+async fn manager_loop<F, Fut>(
+    settings: &Settings,
+    service: &str,
+    interval: std::time::Duration,
+    mut cycle: F,
+) -> anyhow::Result<u8>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<CycleOutcome>>,
+{
+    let mut shutdown = Shutdown::new()?;
+    let heartbeat = ManagerHeartbeat::start(&settings.redis, service, interval);
+    tracing::info!(
+        service,
+        interval_s = interval.as_secs_f64(),
+        "manager started"
+    );
+    loop {
+        heartbeat.reporter.cycle_started();
+        match cycle().await {
+            Ok(outcome) => heartbeat
+                .reporter
+                .cycle_finished(outcome.items, outcome.error),
+            // The database may come back: log and try again next cycle.
+            Err(e) => {
+                tracing::error!(service, error = %describe(&e), "cycle failed");
+                heartbeat.reporter.cycle_finished(0, Some(e.to_string()));
+            }
+        }
+        if shutdown.sleep(interval).await {
+            tracing::info!(service, "manager stopping");
+            heartbeat.stop().await;
+            return Ok(0);
+        }
+    }
+}
+
+/// Prints a one-shot cycle's report; exit 1 when it had errors.
+fn print_once<T: serde::Serialize>(report: &T, errors: usize) -> anyhow::Result<u8> {
+    println!("{}", serde_json::to_string_pretty(report)?);
+    Ok(if errors == 0 { 0 } else { EXIT_PROBLEM })
+}
+
 async fn trigger_manager(settings: &Settings, db: &Database, once: bool) -> anyhow::Result<u8> {
     let options = TriggerOptions::from_settings(settings, false);
     if once {
         let report = trigger::run_cycle(db, &options, Utc::now()).await?;
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(if report.errors.is_empty() {
-            0
-        } else {
-            EXIT_PROBLEM
-        });
+        return print_once(&report, report.errors.len());
     }
-    let mut shutdown = Shutdown::new()?;
-    let heartbeat = ManagerHeartbeat::start(
-        &settings.redis,
+    // Kept between cycles: each cycle then costs what changed, not the archive's size.
+    let evaluator = std::sync::Arc::new(tokio::sync::Mutex::new(trigger::Evaluator::default()));
+    manager_loop(
+        settings,
         "trigger-manager",
         settings.poll_intervals.trigger(),
-    );
-    tracing::info!(
-        interval_s = settings.poll_intervals.trigger_manager,
-        "trigger-manager started"
-    );
-    // Kept between cycles: each cycle then costs what changed, not the archive's size.
-    let mut evaluator = trigger::Evaluator::default();
-    loop {
-        let started = std::time::Instant::now();
-        heartbeat.reporter.cycle_started();
-        match evaluator.cycle(db, &options, Utc::now()).await {
-            Ok(report) => {
+        || {
+            let (evaluator, options) = (evaluator.clone(), &options);
+            async move {
+                let started = std::time::Instant::now();
+                let report = evaluator
+                    .lock()
+                    .await
+                    .cycle(db, options, Utc::now())
+                    .await?;
                 tracing::info!(
                     pipelines = report.pipelines.len(),
                     runs_created = report.created(),
@@ -562,22 +684,90 @@ async fn trigger_manager(settings: &Settings, db: &Database, once: bool) -> anyh
                     duration_ms = started.elapsed().as_millis() as u64,
                     "trigger cycle done"
                 );
-                heartbeat
-                    .reporter
-                    .cycle_finished(report.created() as u64, report.errors.first().cloned());
+                Ok(CycleOutcome {
+                    items: report.created() as u64,
+                    error: report.errors.first().cloned(),
+                })
             }
-            // The database may come back: log and try again next cycle.
-            Err(e) => {
-                tracing::error!(error = %e, "trigger cycle failed");
-                heartbeat.reporter.cycle_finished(0, Some(e.to_string()));
-            }
-        }
-        if shutdown.sleep(settings.poll_intervals.trigger()).await {
-            tracing::info!("trigger-manager stopping");
-            heartbeat.stop().await;
-            return Ok(0);
-        }
+        },
+    )
+    .await
+}
+
+async fn workflow_manager(settings: &Settings, db: &Database, once: bool) -> anyhow::Result<u8> {
+    let backend = crate::backend::from_settings(settings, None)?;
+    let manager = crate::workflow::WorkflowManager::new(
+        db.clone(),
+        backend,
+        crate::workflow::WorkflowOptions::from_settings(settings),
+    );
+    if once {
+        let report = manager.cycle(Utc::now()).await?;
+        return print_once(&report, report.errors.len());
     }
+    let manager = &manager;
+    manager_loop(
+        settings,
+        "workflow-manager",
+        settings.poll_intervals.workflow(),
+        || async move {
+            let started = std::time::Instant::now();
+            let report = manager.cycle(Utc::now()).await?;
+            tracing::info!(
+                claimed = report.claimed,
+                submitted = report.submitted,
+                adopted = report.adopted,
+                staging_requested = report.staging_requested,
+                waiting_for_staging = report.waiting_for_staging,
+                failed = report.failed,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "workflow cycle done"
+            );
+            Ok(CycleOutcome {
+                items: report.handled(),
+                error: report.errors.first().cloned(),
+            })
+        },
+    )
+    .await
+}
+
+async fn result_manager(settings: &Settings, db: &Database, once: bool) -> anyhow::Result<u8> {
+    let backend = crate::backend::from_settings(settings, None)?;
+    let manager = crate::results::ResultManager::new(
+        db.clone(),
+        backend,
+        crate::results::ResultOptions::from_settings(settings),
+    );
+    if once {
+        let report = manager.cycle(Utc::now()).await?;
+        return print_once(&report, report.errors.len());
+    }
+    let manager = &manager;
+    manager_loop(
+        settings,
+        "result-manager",
+        settings.poll_intervals.result(),
+        || async move {
+            let started = std::time::Instant::now();
+            let report = manager.cycle(Utc::now()).await?;
+            tracing::info!(
+                polled = report.polled,
+                started = report.started,
+                succeeded = report.succeeded,
+                failed = report.failed,
+                retried = report.retried,
+                cancelled = report.cancelled,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "result cycle done"
+            );
+            Ok(CycleOutcome {
+                items: report.handled(),
+                error: report.errors.first().cloned(),
+            })
+        },
+    )
+    .await
 }
 
 async fn health(settings: &Settings, service: Option<String>, json: bool) -> anyhow::Result<u8> {

@@ -3,6 +3,7 @@
 //! The crate is at once a library (this), the `ccat-wfm` command line ([`cli`]) and,
 //! with the `python` feature, the extension module `ccat_workflow_manager._core`.
 
+pub mod backend;
 pub mod bench;
 pub mod celery;
 pub mod cli;
@@ -11,7 +12,9 @@ pub mod db;
 pub mod filter;
 pub mod health;
 pub mod logging;
+pub mod results;
 pub mod trigger;
+pub mod workflow;
 
 #[cfg(feature = "python")]
 mod python;

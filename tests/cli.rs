@@ -321,7 +321,11 @@ async fn gaps_trigger_and_trigger_manager_from_the_command_line() {
         );
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{out:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("trigger-manager stopping"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("manager stopping") && stderr.contains("trigger-manager"),
+            "{stderr}"
+        );
         // A clean stop removes the health key: down at once.
         health(1);
         let client = redis::Client::open(redis.as_str()).unwrap();

@@ -15,6 +15,8 @@ use serde_json::{Map, Value};
 pub use dynaconf::{DynaconfError, LoadContext};
 pub use secret::Secret;
 
+pub use crate::workflow::command::ContainerRuntime;
+
 /// Prefix of ops-db's environment variables, read for the database connection.
 pub const OPS_DB_PREFIX: &str = "CCAT_OPS_DB_";
 
@@ -46,6 +48,57 @@ impl HpcBackend {
         ("slurm", HpcBackend::Slurm),
         ("local", HpcBackend::Local),
     ];
+}
+
+/// How raw data reaches a processing location (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StagingMode {
+    /// Link the packages' files from their physical-copy paths (standalone).
+    Local,
+    /// Ask data-transfer with a StagingJob and wait for it.
+    DataTransfer,
+}
+
+impl StagingMode {
+    const NAMES: &'static [(&'static str, StagingMode)] = &[
+        ("local", StagingMode::Local),
+        ("data-transfer", StagingMode::DataTransfer),
+    ];
+}
+
+const RUNTIMES: &[(&str, ContainerRuntime)] = &[
+    ("apptainer", ContainerRuntime::Apptainer),
+    ("none", ContainerRuntime::None),
+];
+
+/// The SLURM backend's settings (besides `SLURM_PARTITION`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SlurmSettings {
+    pub account: String,
+    /// Further `sbatch` options, one argument each.
+    pub extra_options: Vec<String>,
+    /// Where the SLURM commands are; empty = on `PATH`.
+    pub bin_dir: PathBuf,
+    /// slurmdbd is configured: final states come from `sacct`, else `scontrol`.
+    pub accounting: bool,
+}
+
+/// What the workflow-manager needs beyond the common settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkflowSettings {
+    pub container_runtime: ContainerRuntime,
+    /// The apptainer executable.
+    pub apptainer: String,
+    pub staging_mode: StagingMode,
+    /// Most runs claimed per cycle.
+    pub claim_batch_size: i64,
+    /// Most runs of the backend staging, submitted or running at once.
+    pub max_active_jobs: i64,
+    /// How long a claim holds a run in STAGING_DATA without being renewed.
+    pub lease_seconds: f64,
+    /// First retry delay; it doubles with each retry.
+    pub retry_backoff_seconds: f64,
 }
 
 /// The operations database to connect to.
@@ -117,6 +170,8 @@ pub struct Settings {
     pub processing_location_id: i64,
     pub k8s_namespace: String,
     pub slurm_partition: String,
+    pub slurm: SlurmSettings,
+    pub workflow: WorkflowSettings,
     pub sif_cache_dir: PathBuf,
     pub redis: RedisSettings,
     pub poll_intervals: PollIntervals,
@@ -153,13 +208,35 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         let r = Reader { values, origins };
         let redis_port = r.port("REDIS_PORT", 6379)?;
+        let hpc_backend = r.choice("HPC_BACKEND", HpcBackend::NAMES, HpcBackend::Local)?;
+        // Apptainer is what production runs; the local backend is for development,
+        // where the command itself is the useful default.
+        let default_runtime = match hpc_backend {
+            HpcBackend::Local => ContainerRuntime::None,
+            _ => ContainerRuntime::Apptainer,
+        };
         Ok(Settings {
             env: ctx.environments().join(","),
-            hpc_backend: r.choice("HPC_BACKEND", HpcBackend::NAMES, HpcBackend::Local)?,
+            hpc_backend,
             pipeline_base_dir: r.string("PIPELINE_BASE_DIR", "/data/pipelines")?.into(),
             processing_location_id: r.positive_int("PROCESSING_LOCATION_ID", 1)?,
             k8s_namespace: r.string("K8S_NAMESPACE", "ccat-workflows")?,
+            slurm: SlurmSettings {
+                account: r.string("SLURM_ACCOUNT", "")?,
+                extra_options: r.string_list("SLURM_EXTRA_OPTIONS")?,
+                bin_dir: r.string("SLURM_BIN_DIR", "")?.into(),
+                accounting: r.boolean("SLURM_ACCOUNTING", false)?,
+            },
             slurm_partition: r.string("SLURM_PARTITION", "")?,
+            workflow: WorkflowSettings {
+                container_runtime: r.choice("CONTAINER_RUNTIME", RUNTIMES, default_runtime)?,
+                apptainer: r.string("APPTAINER_BIN", "apptainer")?,
+                staging_mode: r.choice("STAGING_MODE", StagingMode::NAMES, StagingMode::Local)?,
+                claim_batch_size: r.positive_int("CLAIM_BATCH_SIZE", 100)?,
+                max_active_jobs: r.positive_int("MAX_ACTIVE_JOBS", 500)?,
+                lease_seconds: r.seconds("LEASE_SECONDS", 300.0)?,
+                retry_backoff_seconds: r.seconds("RETRY_BACKOFF_SECONDS", 60.0)?,
+            },
             sif_cache_dir: r.string("SIF_CACHE_DIR", "/data/sif-cache")?.into(),
             redis: RedisSettings {
                 host: r.string("REDIS_HOST", "localhost")?,
@@ -283,6 +360,37 @@ impl Reader<'_> {
             return Err(self.invalid(key, "a positive integer", &Value::from(value)));
         }
         Ok(value)
+    }
+
+    fn boolean(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v @ Value::String(s)) => match s.trim().to_lowercase().as_str() {
+                "true" | "yes" | "on" | "1" => Ok(true),
+                "false" | "no" | "off" | "0" | "" => Ok(false),
+                _ => Err(self.invalid(key, "true or false", v)),
+            },
+            Some(other) => Err(self.invalid(key, "true or false", other)),
+        }
+    }
+
+    /// A list of strings: a TOML/JSON list, or one string split as a shell would.
+    fn string_list(&self, key: &str) -> Result<Vec<String>, ConfigError> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(self.invalid(key, "a list of strings", other)),
+                })
+                .collect(),
+            Some(v @ Value::String(s)) => {
+                shlex::split(s).ok_or_else(|| self.invalid(key, "options quoted as in a shell", v))
+            }
+            Some(other) => Err(self.invalid(key, "a list of strings", other)),
+        }
     }
 
     fn port(&self, key: &str, default: u16) -> Result<u16, ConfigError> {

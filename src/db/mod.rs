@@ -9,6 +9,7 @@
 pub mod changes;
 pub mod filter_sql;
 pub mod pipelines;
+pub mod runs;
 pub mod schema;
 pub mod scratch;
 pub mod synthetic;

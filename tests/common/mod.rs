@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use ccat_workflow_manager::db::Database;
 use sqlx::Connection;
 
+pub mod lifecycle;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn postgres_admin_url() -> String {

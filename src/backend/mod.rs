@@ -1,0 +1,214 @@
+//! Backends: where jobs run. One interface ([`Backend`]) over SLURM ([`slurm`]), local
+//! processes ([`local`]) and (later) Kubernetes, so the managers never care which.
+//!
+//! A job is known by the id the backend gave it and by its *tag*, which carries the
+//! run id and attempt; the tag is what makes submission crash-safe: a manager that died
+//! between submitting and recording the id finds the job again by its tag
+//! ([`Backend::find`]) instead of submitting a second one.
+
+pub mod local;
+pub mod slurm;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::workflow::command::JobCommand;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{command} answered something unexpected: {detail}")]
+    Parse { command: String, detail: String },
+}
+
+impl BackendError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
+        let what = what.into();
+        move |source| BackendError::Io { what, source }
+    }
+}
+
+/// Everything a backend needs to start one attempt of one run.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// `ccat-run-{run_id}-a{attempt}`: unique per attempt, findable after a crash.
+    pub tag: String,
+    pub command: JobCommand,
+    /// Per-attempt directory on the host: job log, exit record, batch script.
+    pub attempt_dir: PathBuf,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub time_limit_seconds: u64,
+}
+
+impl JobSpec {
+    /// The combined stdout/stderr of the job.
+    pub fn log_path(&self) -> PathBuf {
+        self.attempt_dir.join(JOB_LOG)
+    }
+}
+
+/// File name of a job's combined output in its attempt directory.
+pub const JOB_LOG: &str = "job.log";
+
+/// A job the managers follow: its backend id and where its attempt lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JobRef {
+    pub job_id: String,
+    pub attempt_dir: PathBuf,
+}
+
+/// Where a job stands, as far as the run lifecycle cares.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum JobState {
+    /// Accepted, waiting for resources.
+    Queued,
+    Running,
+    Succeeded(JobMetrics),
+    /// Ended unsuccessfully; `reason` says how (exit code, timeout, out of memory, …).
+    Failed {
+        reason: String,
+        metrics: JobMetrics,
+    },
+    Cancelled,
+    /// The backend no longer knows the job and left no record of how it ended.
+    Vanished,
+}
+
+impl JobState {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// What the backend measured of a finished job (whatever it knows).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct JobMetrics {
+    pub exit_code: Option<i32>,
+    pub wall_time_seconds: Option<f64>,
+    pub cpu_hours: Option<f64>,
+    pub peak_memory_gb: Option<f64>,
+}
+
+/// One interface over every place jobs run. Status is asked for many jobs at once:
+/// a backend answers with as few calls to its controller as it can (SLURM: one).
+#[allow(async_fn_in_trait)]
+pub trait Backend {
+    /// The name recorded on runs (`hpc_backend`).
+    fn name(&self) -> &'static str;
+
+    /// Starts a job; returns its backend id.
+    async fn submit(&self, spec: &JobSpec) -> Result<String, BackendError>;
+
+    /// A job submitted with this tag, if the backend has one (crash recovery).
+    async fn find(
+        &self,
+        tag: &str,
+        attempt_dir: &std::path::Path,
+    ) -> Result<Option<String>, BackendError>;
+
+    /// The state of each job; jobs the backend does not know are [`JobState::Vanished`].
+    async fn status(&self, jobs: &[JobRef]) -> Result<HashMap<String, JobState>, BackendError>;
+
+    /// Best effort: stops the job if it still runs.
+    async fn cancel(&self, job: &JobRef) -> Result<(), BackendError>;
+
+    /// The last `max_bytes` of the job's output.
+    fn log_tail(&self, job: &JobRef, max_bytes: u64) -> Option<String> {
+        read_tail(&job.attempt_dir.join(JOB_LOG), max_bytes)
+    }
+}
+
+/// The last `max_bytes` of a file, cut at a character boundary.
+pub fn read_tail(path: &std::path::Path, max_bytes: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)))
+        .ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The backend `HPC_BACKEND` names. `launcher` starts the local backend's job wrapper
+/// (None: this executable).
+pub fn from_settings(
+    settings: &crate::config::Settings,
+    launcher: Option<Vec<String>>,
+) -> Result<AnyBackend, BackendError> {
+    use crate::config::HpcBackend;
+    match settings.hpc_backend {
+        HpcBackend::Local => Ok(AnyBackend::Local(match launcher {
+            Some(launcher) => local::LocalBackend::new(launcher),
+            None => local::LocalBackend::from_current_exe()?,
+        })),
+        HpcBackend::Slurm => Ok(AnyBackend::Slurm(slurm::SlurmBackend {
+            bin_dir: settings.slurm.bin_dir.clone(),
+            partition: settings.slurm_partition.clone(),
+            account: settings.slurm.account.clone(),
+            extra_options: settings.slurm.extra_options.clone(),
+            accounting: settings.slurm.accounting,
+        })),
+        HpcBackend::Kubernetes => Err(BackendError::Unsupported(
+            "HPC_BACKEND=kubernetes is not available yet; use slurm or local".into(),
+        )),
+    }
+}
+
+/// The backends a manager can use, chosen by `HPC_BACKEND`.
+#[derive(Debug)]
+pub enum AnyBackend {
+    Local(local::LocalBackend),
+    Slurm(slurm::SlurmBackend),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $b:ident => $body:expr) => {
+        match $self {
+            AnyBackend::Local($b) => $body,
+            AnyBackend::Slurm($b) => $body,
+        }
+    };
+}
+
+impl Backend for AnyBackend {
+    fn name(&self) -> &'static str {
+        dispatch!(self, b => b.name())
+    }
+    async fn submit(&self, spec: &JobSpec) -> Result<String, BackendError> {
+        dispatch!(self, b => b.submit(spec).await)
+    }
+    async fn find(
+        &self,
+        tag: &str,
+        attempt_dir: &std::path::Path,
+    ) -> Result<Option<String>, BackendError> {
+        dispatch!(self, b => b.find(tag, attempt_dir).await)
+    }
+    async fn status(&self, jobs: &[JobRef]) -> Result<HashMap<String, JobState>, BackendError> {
+        dispatch!(self, b => b.status(jobs).await)
+    }
+    async fn cancel(&self, job: &JobRef) -> Result<(), BackendError> {
+        dispatch!(self, b => b.cancel(job).await)
+    }
+    fn log_tail(&self, job: &JobRef, max_bytes: u64) -> Option<String> {
+        dispatch!(self, b => b.log_tail(job, max_bytes))
+    }
+}

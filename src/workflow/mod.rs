@@ -1,0 +1,514 @@
+//! The workflow-manager (SPEC §6): claims PENDING runs, stages their inputs, lays out
+//! their directories and manifest, builds their command and submits them to the backend.
+//!
+//! A cycle: find leases of dead instances, claim what the limits allow, then move each
+//! run this instance holds one step on. A run that cannot go on (an input missing for
+//! good, a failed staging job, a rejected submission) fails with the reason; the others
+//! are not held up by it.
+
+pub mod command;
+pub mod layout;
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tracing::Instrument;
+
+use crate::backend::{Backend, JobSpec};
+use crate::config::{Settings, StagingMode};
+use crate::db::runs::{ClaimLimits, RawInput, RunMetrics, RunWork};
+use crate::db::{Database, DbError};
+use command::{BoundInput, CommandRequest, ContainerRuntime};
+use layout::{Manifest, ManifestInput, ManifestProduct, RunLayout};
+
+/// What the workflow-manager needs to know, from [`Settings`].
+#[derive(Debug, Clone)]
+pub struct WorkflowOptions {
+    pub processing_location_id: i64,
+    pub pipeline_base_dir: PathBuf,
+    pub sif_cache_dir: PathBuf,
+    pub runtime: ContainerRuntime,
+    pub apptainer: String,
+    pub staging_mode: StagingMode,
+    pub claim_batch_size: i64,
+    pub max_active_jobs: i64,
+    pub lease: chrono::Duration,
+    pub retry_backoff: chrono::Duration,
+}
+
+impl WorkflowOptions {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let w = &settings.workflow;
+        WorkflowOptions {
+            processing_location_id: settings.processing_location_id,
+            pipeline_base_dir: settings.pipeline_base_dir.clone(),
+            sif_cache_dir: settings.sif_cache_dir.clone(),
+            runtime: w.container_runtime,
+            apptainer: w.apptainer.clone(),
+            staging_mode: w.staging_mode,
+            claim_batch_size: w.claim_batch_size,
+            max_active_jobs: w.max_active_jobs,
+            lease: seconds(w.lease_seconds),
+            retry_backoff: seconds(w.retry_backoff_seconds),
+        }
+    }
+}
+
+pub(crate) fn seconds(s: f64) -> chrono::Duration {
+    chrono::Duration::milliseconds((s * 1000.0) as i64)
+}
+
+/// What one cycle did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkflowReport {
+    pub claimed: usize,
+    /// Runs held in STAGING_DATA this cycle (new claims, earlier ones, taken-over ones).
+    pub held: usize,
+    pub staging_requested: usize,
+    pub waiting_for_staging: usize,
+    pub submitted: usize,
+    /// Jobs found by their tag after a crash and recorded, not submitted again.
+    pub adopted: usize,
+    pub failed: usize,
+    /// Problems that did not fail a run (the database, a lease lost): retried next cycle.
+    pub errors: Vec<String>,
+}
+
+impl WorkflowReport {
+    pub fn handled(&self) -> u64 {
+        (self.claimed + self.submitted + self.adopted + self.failed) as u64
+    }
+}
+
+/// Why a run could not go on.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    /// The run fails with this reason (retried per its `max_retries`).
+    #[error("{0}")]
+    Fail(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+enum Outcome {
+    StagingRequested,
+    WaitingForStaging,
+    Submitted,
+    Adopted,
+    LeaseLost,
+}
+
+/// One workflow-manager instance.
+pub struct WorkflowManager<B> {
+    db: Database,
+    backend: B,
+    options: WorkflowOptions,
+    /// `host:pid:nonce`: unique per process, so a restart never mistakes itself for
+    /// the instance that held a lease before.
+    owner: String,
+}
+
+impl<B: Backend> WorkflowManager<B> {
+    pub fn new(db: Database, backend: B, options: WorkflowOptions) -> Self {
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        WorkflowManager {
+            db,
+            backend,
+            options,
+            owner: format!("{host}:{}:{}", std::process::id(), &nonce[..8]),
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// One cycle. Errors are the database's; everything about single runs is reported.
+    pub async fn cycle(&self, now: DateTime<Utc>) -> Result<WorkflowReport, DbError> {
+        let mut report = WorkflowReport::default();
+        let lease_until = now + self.options.lease;
+        let dead = self.dead_owners().await?;
+        if !dead.is_empty() {
+            tracing::warn!(owners = ?dead, "taking over runs of dead workflow-manager instances");
+        }
+        let claimed = self
+            .db
+            .claim_runs(
+                &self.owner,
+                lease_until,
+                now,
+                &ClaimLimits {
+                    processing_location_id: self.options.processing_location_id,
+                    backend: self.backend.name(),
+                    batch: self.options.claim_batch_size,
+                    max_active_jobs: self.options.max_active_jobs,
+                },
+            )
+            .await?;
+        report.claimed = claimed.len();
+        let runs = self
+            .db
+            .hold_staging_runs(&self.owner, &dead, lease_until, now)
+            .await?;
+        report.held = runs.len();
+        for run in &runs {
+            let span = tracing::info_span!("run", run_id = run.id, pipeline = %run.pipeline_name,
+                step = %run.step_name, sub_group = %run.sub_group_key, attempt = run.attempt());
+            match self.advance(run, now).instrument(span).await {
+                Ok(Outcome::StagingRequested) => report.staging_requested += 1,
+                Ok(Outcome::WaitingForStaging) => report.waiting_for_staging += 1,
+                Ok(Outcome::Submitted) => report.submitted += 1,
+                Ok(Outcome::Adopted) => report.adopted += 1,
+                Ok(Outcome::LeaseLost) => {
+                    report
+                        .errors
+                        .push(format!("run {}: lease lost to another instance", run.id));
+                }
+                Err(RunError::Fail(reason)) => {
+                    tracing::warn!(%reason, "run failed before its job started");
+                    let status = self
+                        .db
+                        .fail_run(
+                            run.id,
+                            "STAGING_DATA",
+                            &reason,
+                            &RunMetrics::default(),
+                            None,
+                            self.options.retry_backoff,
+                            Utc::now(),
+                        )
+                        .await?;
+                    if status.is_some() {
+                        report.failed += 1;
+                    }
+                }
+                Err(RunError::Db(e)) => {
+                    tracing::error!(error = %e, "run not advanced");
+                    report.errors.push(format!("run {}: {e}", run.id));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Lease owners on this host whose process is gone: their runs are taken over at
+    /// once rather than when the lease expires.
+    async fn dead_owners(&self) -> Result<Vec<String>, DbError> {
+        let host = self.owner.split(':').next().unwrap_or_default();
+        Ok(self
+            .db
+            .lease_owners(&self.owner)
+            .await?
+            .into_iter()
+            .filter(|owner| {
+                let mut parts = owner.split(':');
+                parts.next() == Some(host)
+                    && parts
+                        .next()
+                        .and_then(|pid| pid.parse::<u32>().ok())
+                        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            })
+            .collect())
+    }
+
+    async fn advance(&self, run: &RunWork, now: DateTime<Utc>) -> Result<Outcome, RunError> {
+        let layout = RunLayout::new(
+            &self.options.pipeline_base_dir,
+            &run.pipeline_name,
+            &run.sub_group_key,
+            &run.step_name,
+            run.attempt(),
+        );
+        let tag = job_tag(run.id, run.attempt());
+        // An earlier holder recorded its intent and may have submitted before it died:
+        // the backend is asked before anything is submitted again.
+        if run.submitted_at.is_some() {
+            let found = self
+                .backend
+                .find(&tag, &layout.attempt_dir())
+                .await
+                .map_err(|e| RunError::Fail(format!("looking for job {tag} failed: {e}")))?;
+            if let Some(job_id) = found {
+                tracing::warn!(%job_id, %tag, "adopting a job submitted before a crash");
+                return Ok(
+                    if self
+                        .db
+                        .record_submitted(run.id, &self.owner, &job_id, now)
+                        .await?
+                    {
+                        Outcome::Adopted
+                    } else {
+                        Outcome::LeaseLost
+                    },
+                );
+            }
+        }
+        let location = run.processing_location_id;
+        let raw = self.db.run_raw_input_copies(run.id, location).await?;
+        if let Some(waiting) = self.stage(run, &raw).await? {
+            return Ok(waiting);
+        }
+        let products = self.db.run_product_input_copies(run.id, location).await?;
+        let mut inputs = Vec::with_capacity(raw.len() + products.len());
+        let mut manifest_inputs = Vec::with_capacity(raw.len());
+        let visible = command::visible_dirs(self.options.runtime, &layout, run.is_final);
+        for package in &raw {
+            let path = package
+                .full_path
+                .as_deref()
+                .expect("staged inputs have a path");
+            let name = format!("{}_{}", package.raw_data_package_id, file_name(path));
+            manifest_inputs.push(ManifestInput {
+                raw_data_package_id: package.raw_data_package_id,
+                name: package.name.clone(),
+                path: format!("{}/{}", visible.input, name),
+                size_bytes: package.size_bytes,
+                checksum: package.checksum.clone(),
+            });
+            inputs.push(BoundInput {
+                host_path: path.into(),
+                name,
+            });
+        }
+        let mut manifest_products = Vec::with_capacity(products.len());
+        for product in &products {
+            let Some(path) = product.full_path.as_deref() else {
+                return Err(RunError::Fail(format!(
+                    "upstream product {} ({}) has no copy at processing location {location}",
+                    product.data_product_id, product.relative_path
+                )));
+            };
+            let name = format!("products/{}_{}", product.data_product_id, file_name(path));
+            manifest_products.push(ManifestProduct {
+                data_product_id: product.data_product_id,
+                run_id: product.run_id,
+                name: product.name.clone(),
+                product_type: product.product_type.clone(),
+                path: format!("{}/{}", visible.input, name),
+                size_bytes: product.size_bytes,
+                checksum: product.checksum.clone(),
+            });
+            inputs.push(BoundInput {
+                host_path: path.into(),
+                name,
+            });
+        }
+        let manifest = Manifest {
+            manifest_version: layout::MANIFEST_VERSION,
+            run_id: run.id,
+            attempt: run.attempt(),
+            created_at: now,
+            pipeline: layout::Named {
+                id: run.pipeline_id,
+                name: run.pipeline_name.clone(),
+            },
+            step: layout::ManifestStep {
+                id: run.reduction_step_id,
+                name: run.step_name.clone(),
+                is_final: run.is_final,
+            },
+            sub_group: layout::ManifestSubGroup {
+                key: run.sub_group_key.clone(),
+                values: run.sub_group.0.clone(),
+            },
+            software: layout::ManifestSoftware {
+                name: run.software_name.clone(),
+                version: run.software_version.clone(),
+                image_ref: run.image_ref.clone(),
+                image_digest: run.image_digest.clone(),
+                command: run.command.0.clone(),
+            },
+            configuration: run.config_snapshot.0.clone(),
+            inputs: manifest_inputs,
+            upstream_products: manifest_products,
+            excluded_upstream: run.excluded_upstream.0.clone(),
+            directories: visible,
+        };
+        prepare(&layout, run.is_final, &inputs, &manifest)
+            .map_err(|e| RunError::Fail(format!("preparing the run directory: {e}")))?;
+        let image = match self.options.runtime {
+            ContainerRuntime::Apptainer => command::image_for(
+                &self.options.sif_cache_dir,
+                &run.image_ref,
+                run.image_digest.as_deref(),
+            ),
+            ContainerRuntime::None => String::new(),
+        };
+        let job_command = command::build(&CommandRequest {
+            runtime: self.options.runtime,
+            apptainer: &self.options.apptainer,
+            image: &image,
+            command: &run.command.0,
+            layout: &layout,
+            final_step: run.is_final,
+            inputs: &inputs,
+            run_id: run.id,
+            step_name: &run.step_name,
+        })
+        .map_err(|e| {
+            RunError::Fail(format!(
+                "{} {}: {e}",
+                run.software_name, run.software_version
+            ))
+        })?;
+        let spec = JobSpec {
+            tag: tag.clone(),
+            command: job_command,
+            attempt_dir: layout.attempt_dir(),
+            cpus: run.cpu.clamp(1, 100_000) as u32,
+            memory_mb: (run.memory_gb * 1024.0).ceil().max(1.0) as u64,
+            time_limit_seconds: (run.time_hours * 3600.0).ceil().max(1.0) as u64,
+        };
+        if !self
+            .db
+            .record_submit_intent(run.id, &self.owner, now)
+            .await?
+        {
+            return Ok(Outcome::LeaseLost);
+        }
+        let job_id = self.backend.submit(&spec).await.map_err(|e| {
+            RunError::Fail(format!("submission to {} failed: {e}", self.backend.name()))
+        })?;
+        tracing::info!(%job_id, %tag, backend = self.backend.name(), "job submitted");
+        if self
+            .db
+            .record_submitted(run.id, &self.owner, &job_id, Utc::now())
+            .await?
+        {
+            Ok(Outcome::Submitted)
+        } else {
+            Ok(Outcome::LeaseLost)
+        }
+    }
+
+    /// Makes sure every raw input is where the job can read it. `Some` while the run
+    /// waits for data-transfer; `None` when all inputs are present.
+    async fn stage(&self, run: &RunWork, raw: &[RawInput]) -> Result<Option<Outcome>, RunError> {
+        let location = run.processing_location_id;
+        match self.options.staging_mode {
+            StagingMode::Local => {
+                for package in raw {
+                    let readable = package
+                        .full_path
+                        .as_deref()
+                        .is_some_and(|p| Path::new(p).is_file());
+                    if !readable {
+                        return Err(RunError::Fail(format!(
+                            "raw data package {} ({}) has no copy readable on this host{}",
+                            package.name,
+                            package.raw_data_package_id,
+                            package
+                                .full_path
+                                .as_deref()
+                                .map(|p| format!(" (looked at {p})"))
+                                .unwrap_or_default()
+                        )));
+                    }
+                }
+                Ok(None)
+            }
+            StagingMode::DataTransfer => {
+                let missing: Vec<&RawInput> = raw
+                    .iter()
+                    .filter(|p| p.data_location_id != Some(location) || p.full_path.is_none())
+                    .collect();
+                if missing.is_empty() {
+                    return Ok(None);
+                }
+                let names = || {
+                    missing
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                match self.db.staging_job_of_run(run.id).await? {
+                    None => {
+                        let ids: Vec<i64> = missing.iter().map(|p| p.raw_data_package_id).collect();
+                        let job = self.db.create_staging_job(run.id, location, &ids).await?;
+                        tracing::info!(
+                            staging_job = job,
+                            packages = ids.len(),
+                            "staging requested"
+                        );
+                        Ok(Some(Outcome::StagingRequested))
+                    }
+                    Some(job) => match job.status.as_str() {
+                        "FAILED" => Err(RunError::Fail(format!(
+                            "staging job {} failed: {}",
+                            job.id,
+                            job.failure_error_message
+                                .as_deref()
+                                .unwrap_or("no reason given")
+                        ))),
+                        "COMPLETED" => Err(RunError::Fail(format!(
+                            "staging job {} completed but these packages have no copy at \
+                             processing location {location}: {}",
+                            job.id,
+                            names()
+                        ))),
+                        _ => Ok(Some(Outcome::WaitingForStaging)),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// The tag a job carries (SLURM job name and comment): findable after a crash.
+pub fn job_tag(run_id: i64, attempt: i32) -> String {
+    format!("ccat-run-{run_id}-a{attempt}")
+}
+
+fn file_name(path: &str) -> String {
+    Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "input".into())
+}
+
+/// Creates the run's directories (owner and group only), links its inputs and writes
+/// its manifest.
+pub fn prepare(
+    layout: &RunLayout,
+    final_step: bool,
+    inputs: &[BoundInput],
+    manifest: &Manifest,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let with = |path: &Path, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+    };
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true).mode(0o750);
+    for dir in layout.directories(final_step) {
+        builder.create(&dir).map_err(|e| with(&dir, e))?;
+    }
+    // The input links of an earlier attempt may differ: start from an empty directory.
+    let input_dir = layout.input();
+    std::fs::remove_dir_all(&input_dir).map_err(|e| with(&input_dir, e))?;
+    builder
+        .create(&input_dir)
+        .map_err(|e| with(&input_dir, e))?;
+    for input in inputs {
+        let link = input_dir.join(&input.name);
+        if let Some(parent) = link.parent() {
+            builder.create(parent).map_err(|e| with(parent, e))?;
+        }
+        std::os::unix::fs::symlink(&input.host_path, &link).map_err(|e| with(&link, e))?;
+    }
+    let path = layout.manifest();
+    let text = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(|e| with(&tmp, e))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640))
+        .map_err(|e| with(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| with(&path, e))?;
+    Ok(())
+}
