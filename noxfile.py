@@ -66,13 +66,23 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Celery publishing (Rust beside Python's send_task), then the trigger-manager on
-    PostgreSQL at 10k, 100k and 1M packages."""
+    """Celery publishing (Rust beside Python's send_task), SLURM submission and status
+    calls, then the trigger-manager on PostgreSQL at 10k, 100k and 1M packages."""
     env = services_env(session)
     session.run("cargo", "build", "--locked", "--release", external=True)
     binary = str(ROOT / "target" / "release" / "ccat-wfm")
     session.install("celery[redis]>=5.5,<6")
     session.run("python", str(ROOT / "scripts" / "bench_publish.py"), env["CCAT_TEST_REDIS_URL"], binary)
+    # The SLURM backend on the test cluster: submission time and calls per status cycle.
+    session.run(
+        binary, "--log-level", "warn,sqlx=error", "bench", "slurm",
+        external=True,
+        env={
+            **env,
+            "SLURM_CONF": env["CCAT_TEST_SLURM_CONF"],
+            "CCAT_BENCH_POSTGRES_URL": env["CCAT_TEST_POSTGRES_URL"],
+        },
+    )
     sizes = session.posargs or ["10000", "100000", "1000000"]
     for size in sizes:
         # One process per size, so that each reports its own peak memory.

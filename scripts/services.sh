@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Provide PostgreSQL and Redis for the test suite.
 #
-#   eval "$(bash scripts/services.sh up)"   # exports CCAT_TEST_POSTGRES_URL, CCAT_TEST_REDIS_URL
+#   eval "$(bash scripts/services.sh up)"   # exports CCAT_TEST_POSTGRES_URL, CCAT_TEST_REDIS_URL,
+#                                           # CCAT_TEST_SLURM_CONF
 #   bash scripts/services.sh down           # stops whatever `up` started
 #
 # URLs already set in the environment are checked and used as given; otherwise
 # private throw-away servers are started on free ports, with state (data, logs,
-# ports, pids) in ${CCAT_TEST_SERVICES_DIR:-$PWD/.services}.
+# ports, pids) in ${CCAT_TEST_SERVICES_DIR:-$PWD/.services}. SLURM is a real one-node
+# cluster (munged, slurmctld, slurmd from Debian's packages) with its own munge key and
+# ports; a given CCAT_TEST_SLURM_CONF is used as it is.
 # Only the export lines go to stdout, so `eval` sees nothing else.
 set -euo pipefail
 
@@ -23,6 +26,7 @@ PG_DATA=$PG_DIR/data
 PG_LOG=$PG_DIR/postgres.log
 REDIS_PID=$STATE/redis.pid
 REDIS_LOG=$STATE/redis.log
+SLURM_DIR=$STATE/slurm
 
 log() { echo "services.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -46,15 +50,22 @@ ensure_installed() {
   [[ $need_pg == 1 && -z $(pg_bin) ]] && pkgs+=(postgresql)
   [[ $need_redis == 1 ]] && ! command -v redis-server >/dev/null && pkgs+=(redis-server)
   [[ $need_redis == 1 ]] && ! command -v redis-cli >/dev/null && pkgs+=(redis-tools)
+  if [[ ${3:-0} == 1 ]]; then
+    command -v slurmctld >/dev/null || pkgs+=(slurmctld)
+    command -v slurmd >/dev/null || pkgs+=(slurmd)
+    command -v sbatch >/dev/null || pkgs+=(slurm-client)
+    command -v munged >/dev/null || pkgs+=(munge)
+  fi
   [[ ${#pkgs[@]} -eq 0 ]] && return 0
   if [[ $(id -u) -ne 0 || ! -f /etc/debian_version ]]; then
-    die "missing ${pkgs[*]}; install them (Debian: apt-get install postgresql redis-server)" \
+    die "missing ${pkgs[*]}; install them (Debian: apt-get install postgresql redis-server" \
+        "slurmctld slurmd slurm-client munge)" \
         "or set CCAT_TEST_POSTGRES_URL / CCAT_TEST_REDIS_URL to existing servers"
   fi
   log "installing ${pkgs[*]}"
   # The postgresql postinst may start a default cluster on 5432; harmless, we don't use it.
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >&2
 }
 
 # First port >= $1 that nothing on 127.0.0.1 accepts connections on.
@@ -144,19 +155,105 @@ redis_up() {
   echo "redis://127.0.0.1:$port/0"
 }
 
+slurm_ready() {
+  SLURM_CONF=$1 sinfo --noheader --states=idle,mixed,allocated --format=%N 2>/dev/null | grep -q .
+}
+
+# Prints the slurm.conf of a running private one-node cluster, reusing the previous one.
+# Jobs run as the calling user; the node claims more CPUs than the machine has, so many
+# small test jobs run at once.
+slurm_up() {
+  local conf=$SLURM_DIR/slurm.conf user host ctld_port d_port p pid alive=1
+  for p in munged slurmctld slurmd; do
+    pid=$(cat "$SLURM_DIR/$p.pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null || alive=0
+  done
+  if [[ $alive == 1 && -f $conf ]] && slurm_ready "$conf"; then
+    log "reusing SLURM ($conf)"
+    echo "$conf"
+    return
+  fi
+  slurm_down
+  mkdir -p "$SLURM_DIR/ctld" "$SLURM_DIR/spool" "$SLURM_DIR/munge"
+  chmod 700 "$SLURM_DIR/munge"
+  user=$(id -un)
+  host=$(hostname -s)
+  ctld_port=$(free_port 56817)
+  d_port=$(free_port $((ctld_port + 1)))
+  dd if=/dev/urandom of="$SLURM_DIR/munge/munge.key" bs=1024 count=1 status=none
+  chmod 400 "$SLURM_DIR/munge/munge.key"
+  log "starting SLURM (munged, slurmctld on port $ctld_port, slurmd on port $d_port)"
+  munged --socket="$SLURM_DIR/munge/munge.socket" --key-file="$SLURM_DIR/munge/munge.key" \
+    --pid-file="$SLURM_DIR/munged.pid" --log-file="$SLURM_DIR/munged.log" \
+    --seed-file="$SLURM_DIR/munge/seed" --force </dev/null >&2 ||
+    die "munged failed to start (see $SLURM_DIR/munged.log)"
+  cat >"$conf" <<EOF
+ClusterName=ccattest
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$ctld_port
+SlurmdPort=$d_port
+SlurmUser=$user
+SlurmdUser=$user
+AuthType=auth/munge
+AuthInfo=socket=$SLURM_DIR/munge/munge.socket
+CredType=cred/munge
+StateSaveLocation=$SLURM_DIR/ctld
+SlurmdSpoolDir=$SLURM_DIR/spool
+SlurmctldPidFile=$SLURM_DIR/slurmctld.pid
+SlurmdPidFile=$SLURM_DIR/slurmd.pid
+SlurmctldLogFile=$SLURM_DIR/slurmctld.log
+SlurmdLogFile=$SLURM_DIR/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SlurmdParameters=config_overrides
+DefMemPerCPU=100
+MpiDefault=none
+ReturnToService=2
+MinJobAge=600
+MaxJobCount=50000
+KillWait=5
+InactiveLimit=0
+NodeName=$host NodeAddr=127.0.0.1 CPUs=64 RealMemory=64000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+  SLURM_CONF=$conf slurmctld -f "$conf" </dev/null >&2 ||
+    { tail -n 30 "$SLURM_DIR/slurmctld.log" >&2 2>/dev/null; die "slurmctld failed to start"; }
+  SLURM_CONF=$conf slurmd -f "$conf" </dev/null >&2 ||
+    { tail -n 30 "$SLURM_DIR/slurmd.log" >&2 2>/dev/null; die "slurmd failed to start"; }
+  wait_ready SLURM "$SLURM_DIR/slurmctld.log" slurm_ready "$conf"
+  echo "$conf"
+}
+
+# Stops the private cluster's daemons (known by their pid files) and drops its state.
+slurm_down() {
+  local p pid
+  for p in slurmd slurmctld munged; do
+    [[ -f $SLURM_DIR/$p.pid ]] || continue
+    pid=$(<"$SLURM_DIR/$p.pid")
+    # Check the name so a stale pid file never makes us kill an unrelated process.
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$p"* ]] && kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done
+  rm -rf "$SLURM_DIR"
+}
+
 cmd_up() {
   local pg_url=${CCAT_TEST_POSTGRES_URL:-} redis_url=${CCAT_TEST_REDIS_URL:-}
+  local slurm_conf=${CCAT_TEST_SLURM_CONF:-}
   # Given URLs still need pg_isready / redis-cli to check them.
-  ensure_installed "$([[ -n $pg_url ]] && command -v pg_isready >/dev/null && echo 0 || echo 1)" 1
-  if [[ -z $pg_url || -z $redis_url ]]; then
+  ensure_installed "$([[ -n $pg_url ]] && command -v pg_isready >/dev/null && echo 0 || echo 1)" 1 \
+    "$([[ -n $slurm_conf ]] && echo 0 || echo 1)"
+  if [[ -z $pg_url || -z $redis_url || -z $slurm_conf ]]; then
     mkdir -p "$STATE"
     STATE=$(cd "$STATE" && pwd)   # absolute: servers keep these paths after we exit
     PG_DIR=$STATE/pg PG_DATA=$STATE/pg/data PG_LOG=$STATE/pg/postgres.log
-    REDIS_PID=$STATE/redis.pid REDIS_LOG=$STATE/redis.log
+    REDIS_PID=$STATE/redis.pid REDIS_LOG=$STATE/redis.log SLURM_DIR=$STATE/slurm
   fi
-
-  # SLURM: on a cluster, a section here could place the servers on the job's
-  # node (or reuse site-provided ones) before falling back to local instances.
 
   if [[ -n $pg_url ]]; then
     local isready
@@ -172,8 +269,15 @@ cmd_up() {
   else
     redis_url=$(redis_up)
   fi
+  if [[ -n $slurm_conf ]]; then
+    slurm_ready "$slurm_conf" || die "CCAT_TEST_SLURM_CONF=$slurm_conf: no idle SLURM node answers"
+    log "using given SLURM $slurm_conf"
+  else
+    slurm_conf=$(slurm_up)
+  fi
   printf 'export CCAT_TEST_POSTGRES_URL=%q\n' "$pg_url"
   printf 'export CCAT_TEST_REDIS_URL=%q\n' "$redis_url"
+  printf 'export CCAT_TEST_SLURM_CONF=%q\n' "$slurm_conf"
 }
 
 # Stop only what this script started (known from the state dir), then drop its files.
@@ -192,6 +296,7 @@ cmd_down() {
     [[ $(cat "/proc/$pid/comm" 2>/dev/null) == redis-server* ]] && kill "$pid" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
+  if [[ -d $SLURM_DIR ]]; then log "stopping SLURM"; slurm_down; fi
   # Remove only our own files, so a mistaken CCAT_TEST_SERVICES_DIR loses nothing else.
   rm -rf "$PG_DIR"
   rm -f "$STATE/pg.port" "$STATE/redis.port" "$REDIS_PID" "$REDIS_LOG"

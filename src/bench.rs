@@ -309,3 +309,174 @@ pub async fn publish(
         tasks_per_s: tasks as f64 / seconds,
     })
 }
+
+/// What to measure the SLURM backend on.
+#[derive(Debug, Clone)]
+pub struct SlurmBench {
+    /// A PostgreSQL URL of a role that may create databases.
+    pub admin_url: String,
+    /// Runs submitted end to end (claim, layout, manifest, sbatch, record).
+    pub submit: i64,
+    /// Numbers of active jobs at which one status cycle is counted.
+    pub active: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlurmFigures {
+    pub submitted: i64,
+    pub submit_s: f64,
+    pub submit_goal_s: f64,
+    pub polls: Vec<PollFigure>,
+}
+
+/// One result-manager cycle over `active_jobs` jobs: the SLURM calls it made.
+#[derive(Debug, Clone, Serialize)]
+pub struct PollFigure {
+    pub active_jobs: i64,
+    pub calls: std::collections::BTreeMap<String, u64>,
+    pub cycle_ms: f64,
+}
+
+/// Times submitting runs to the SLURM cluster the environment points at (`SLURM_CONF`)
+/// and counts the SLURM calls of a status cycle at several numbers of active jobs. Runs
+/// in a scratch database and a scratch directory; cancels its jobs at the end.
+pub async fn slurm(bench: &SlurmBench) -> anyhow::Result<SlurmFigures> {
+    let name = "ccat_wfm_bench_slurm";
+    let url = scratch::recreate(&bench.admin_url, name).await?;
+    let db = Database::connect_url(&url).await?;
+    let dir = std::env::temp_dir().join(format!("ccat-wfm-bench-slurm-{}", std::process::id()));
+    let backend = crate::backend::slurm::SlurmBackend::default();
+    let result = slurm_on(&db, bench, &dir, &backend).await;
+    // Whatever happened, leave no job behind.
+    let jobs: Vec<String> = db
+        .active_jobs("slurm")
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|j| j.hpc_job_id)
+        .collect();
+    if let Err(e) = backend.cancel_all(&jobs).await {
+        tracing::warn!(error = %e, "cancelling the benchmark's jobs failed");
+    }
+    db.close().await;
+    scratch::drop(&bench.admin_url, name).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn slurm_on(
+    db: &Database,
+    bench: &SlurmBench,
+    dir: &std::path::Path,
+    backend: &crate::backend::slurm::SlurmBackend,
+) -> anyhow::Result<SlurmFigures> {
+    use crate::workflow::{WorkflowManager, WorkflowOptions, command::ContainerRuntime};
+    db.migrate().await?;
+    let options = WorkflowOptions {
+        processing_location_id: 1,
+        pipeline_base_dir: dir.to_owned(),
+        sif_cache_dir: dir.join("sif"),
+        runtime: ContainerRuntime::None,
+        apptainer: "apptainer".into(),
+        staging_mode: crate::config::StagingMode::Local,
+        claim_batch_size: 100,
+        max_active_jobs: 100_000,
+        lease: chrono::Duration::minutes(5),
+        retry_backoff: chrono::Duration::minutes(1),
+    };
+    let wm = WorkflowManager::new(db.clone(), backend.clone(), options);
+    let results = crate::results::ResultManager::new(
+        db.clone(),
+        backend.clone(),
+        crate::results::ResultOptions {
+            processing_location_id: 1,
+            pipeline_base_dir: dir.to_owned(),
+            retry_backoff: chrono::Duration::minutes(1),
+            vanish_grace: chrono::Duration::seconds(30),
+        },
+    );
+    let submit_all = |wanted: i64| {
+        let wm = &wm;
+        async move {
+            let mut submitted = 0;
+            while submitted < wanted {
+                let report = wm.cycle(Utc::now()).await?;
+                if let Some(e) = report.errors.first() {
+                    anyhow::bail!("submission failed: {e}");
+                }
+                if report.submitted == 0 && report.failed > 0 {
+                    anyhow::bail!("runs failed at submission; see the log");
+                }
+                submitted += report.submitted as i64;
+            }
+            Ok(())
+        }
+    };
+
+    // Submission, end to end: claim, layout, manifest, sbatch, record.
+    db.install_bench_runs(&["/bin/true".to_owned()], bench.submit, "submit-")
+        .await?;
+    let started = Instant::now();
+    submit_all(bench.submit).await?;
+    let submit_s = started.elapsed().as_secs_f64();
+    // Let those jobs finish and be recorded, so they do not count below.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while results.cycle(Utc::now()).await?.polled > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let mut active = bench.active.clone();
+    active.sort_unstable();
+    let mut polls = Vec::new();
+    let mut have = 0;
+    for n in active {
+        db.install_bench_runs(&["/bin/sleep".to_owned(), "3600".to_owned()], n - have, &format!("active{n}-"))
+            .await?;
+        submit_all(n - have).await?;
+        have = n;
+        backend.calls.take();
+        let started = Instant::now();
+        let report = results.cycle(Utc::now()).await?;
+        let cycle_ms = ms(started.elapsed());
+        if let Some(e) = report.errors.first() {
+            anyhow::bail!("status cycle failed: {e}");
+        }
+        polls.push(PollFigure {
+            active_jobs: report.polled as i64,
+            calls: backend.calls.take(),
+            cycle_ms,
+        });
+    }
+    Ok(SlurmFigures {
+        submitted: bench.submit,
+        submit_s,
+        submit_goal_s: 60.0,
+        polls,
+    })
+}
+
+/// The SLURM figures as text, each beside its goal.
+pub fn render_slurm(f: &SlurmFigures) -> String {
+    let mut out = format!(
+        "submitting {} runs to SLURM, end to end: {:.1} s (goal < {:.0} s: {})\n",
+        f.submitted,
+        f.submit_s,
+        f.submit_goal_s,
+        if f.submit_s < f.submit_goal_s { "met" } else { "NOT met" }
+    );
+    for p in &f.polls {
+        let total: u64 = p.calls.values().sum();
+        let squeue = p.calls.get("squeue").copied().unwrap_or(0);
+        let calls: Vec<String> = p.calls.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        out.push_str(&format!(
+            "status cycle over {:>5} active jobs: {} SLURM call(s) ({}) in {:.0} ms \
+             (goal: 1 squeue + at most 1 sacct/scontrol: {})\n",
+            p.active_jobs,
+            total,
+            calls.join(", "),
+            p.cycle_ms,
+            if squeue == 1 && total <= 2 { "met" } else { "NOT met" }
+        ));
+    }
+    out
+}

@@ -184,6 +184,23 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Time submitting runs to SLURM end to end and count the SLURM calls of a status
+    /// cycle at several numbers of active jobs (the cluster of SLURM_CONF; scratch
+    /// database; the benchmark's jobs are cancelled at the end).
+    Slurm {
+        /// PostgreSQL URL of a role that may create databases.
+        #[arg(long, env = "CCAT_BENCH_POSTGRES_URL")]
+        database_url: String,
+        /// Runs to submit.
+        #[arg(long, default_value_t = 500)]
+        submit: i64,
+        /// Active jobs at which a status cycle is counted.
+        #[arg(long, value_delimiter = ',', default_value = "1,100,2000")]
+        active: Vec<i64>,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time publishing Celery tasks to Redis (pipelined batches, scratch key prefix);
     /// `nox -s bench` runs it beside Python Celery's send_task.
     Publish {
@@ -411,6 +428,28 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             } else {
                 print!("{}", crate::bench::render_trigger(&figures));
+            }
+            Ok(0)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Slurm {
+                    database_url,
+                    submit,
+                    active,
+                    json,
+                },
+        } => {
+            let figures = crate::bench::slurm(&crate::bench::SlurmBench {
+                admin_url: database_url,
+                submit,
+                active,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            } else {
+                print!("{}", crate::bench::render_slurm(&figures));
             }
             Ok(0)
         }

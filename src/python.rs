@@ -199,6 +199,86 @@ fn process_triggers<'py>(
     to_python(py, &value)
 }
 
+/// The local backend's job wrapper, run by this interpreter (`sys.executable`).
+fn python_launcher(py: Python<'_>) -> PyResult<Vec<String>> {
+    let executable: String = py.import("sys")?.getattr("executable")?.extract()?;
+    Ok(vec![
+        executable,
+        "-m".into(),
+        "ccat_workflow_manager.cli".into(),
+    ])
+}
+
+fn backend_for(
+    py: Python<'_>,
+    settings: &config::Settings,
+) -> PyResult<crate::backend::AnyBackend> {
+    crate::backend::from_settings(settings, Some(python_launcher(py)?))
+        .map_err(|e| ConfigurationError::new_err(e.to_string()))
+}
+
+/// Errors of one manager cycle: the database's, or a report that cannot be converted.
+fn report_to_python<'py, T: serde::Serialize>(
+    py: Python<'py>,
+    report: Result<T, crate::db::DbError>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let report = report.map_err(database_error)?;
+    let value =
+        serde_json::to_value(&report).map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
+    to_python(py, &value)
+}
+
+/// Runs one workflow-manager cycle (claim, stage, submit) and returns its report.
+#[pyfunction]
+fn process_pending_runs<'py>(
+    py: Python<'py>,
+    settings: &PySettings,
+) -> PyResult<Bound<'py, PyAny>> {
+    let settings = settings.inner.clone();
+    let backend = backend_for(py, &settings)?;
+    let report = py.detach(|| {
+        runtime().block_on(async move {
+            let db = crate::db::Database::connect(&settings.database).await?;
+            // One lease owner for every call of this process: runs waiting for staging
+            // are picked up again by the next call, not after their lease expires.
+            let manager = crate::workflow::WorkflowManager::for_process(
+                db.clone(),
+                backend,
+                crate::workflow::WorkflowOptions::from_settings(&settings),
+            );
+            let report = manager.cycle(chrono::Utc::now()).await;
+            db.close().await;
+            report
+        })
+    });
+    report_to_python(py, report)
+}
+
+/// Runs one result-manager cycle (job status, failures and retries, cancellations) and
+/// returns its report.
+#[pyfunction]
+fn process_running_steps<'py>(
+    py: Python<'py>,
+    settings: &PySettings,
+) -> PyResult<Bound<'py, PyAny>> {
+    let settings = settings.inner.clone();
+    let backend = backend_for(py, &settings)?;
+    let report = py.detach(|| {
+        runtime().block_on(async move {
+            let db = crate::db::Database::connect(&settings.database).await?;
+            let manager = crate::results::ResultManager::new(
+                db.clone(),
+                backend,
+                crate::results::ResultOptions::from_settings(&settings),
+            );
+            let report = manager.cycle(chrono::Utc::now()).await;
+            db.close().await;
+            report
+        })
+    });
+    report_to_python(py, report)
+}
+
 /// Applies the product's migrations to the configured database; returns the versions applied.
 #[pyfunction]
 fn migrate(py: Python<'_>, settings: &PySettings) -> PyResult<Vec<i64>> {
@@ -235,6 +315,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dynaconf_values, m)?)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(process_triggers, m)?)?;
+    m.add_function(wrap_pyfunction!(process_pending_runs, m)?)?;
+    m.add_function(wrap_pyfunction!(process_running_steps, m)?)?;
     m.add_function(wrap_pyfunction!(migrate, m)?)?;
     Ok(())
 }

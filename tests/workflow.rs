@@ -97,12 +97,12 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
         let states = settle(
             db,
             &results,
-            &["COLLECTING_RESULTS"],
+            &["COMPLETED"],
             Duration::from_secs(30),
         )
         .await;
         assert!(
-            states.iter().all(|(_, s)| s == "COLLECTING_RESULTS"),
+            states.iter().all(|(_, s)| s == "COMPLETED"),
             "{states:?} {}",
             t.url
         );
@@ -110,8 +110,22 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
             assert_eq!(run.exit_code, Some(0));
             assert!(run.wall_time_seconds.is_some());
         }
-        // The software wrote its products where the contract says.
-        assert!(root.join("output/science/map.fits").is_file());
+        // The products the software wrote, registered with checksum, size, metrics and
+        // a copy at the processing location.
+        let map = root.join("output/science/map.fits");
+        let products = lifecycle::products(db).await;
+        assert_eq!(products.len(), 6, "{products:?}");
+        let registered = products
+            .iter()
+            .find(|p| p.full_path == map.display().to_string())
+            .expect("the map of scan 1 is registered");
+        assert_eq!(registered.product_type, "SCIENCE");
+        assert_eq!(registered.relative_path, "output/science/map.fits");
+        let content = std::fs::read(&map).unwrap();
+        assert_eq!(registered.size_bytes, content.len() as i64);
+        assert_eq!(registered.checksum, lifecycle::sha256_hex(&content));
+        assert_eq!(registered.quality_metrics.as_deref(), Some(r#"{"rms_mk":12.5}"#));
+        assert!(products.iter().any(|p| p.product_type == "QA_METRIC"));
         let log = std::fs::read_to_string(root.join("logs/calibrate/attempt-1/job.log")).unwrap();
         assert!(log.contains("of step calibrate"), "{log}");
     }
@@ -299,7 +313,7 @@ async fn data_transfer_staging_waits_then_submits_and_a_failed_staging_fails_the
         settle(
             db,
             &results,
-            &["COLLECTING_RESULTS", "FAILED", "STAGING_DATA"],
+            &["COMPLETED", "FAILED", "STAGING_DATA"],
             Duration::from_secs(30),
         )
         .await;
@@ -464,12 +478,12 @@ async fn strings_from_the_database_reach_the_job_verbatim() {
         let states = settle(
             db,
             &results,
-            &["COLLECTING_RESULTS"],
+            &["COMPLETED"],
             Duration::from_secs(30),
         )
         .await;
         assert!(
-            states.iter().all(|(_, s)| s == "COLLECTING_RESULTS"),
+            states.iter().all(|(_, s)| s == "COMPLETED"),
             "{states:?}"
         );
         let root = site

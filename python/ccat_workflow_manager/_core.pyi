@@ -44,3 +44,9 @@ def process_triggers(settings: Settings, dry_run: bool = False) -> dict[str, Any
 
 def migrate(settings: Settings) -> list[int]:
     """Applies the product's migrations to the configured database; returns the versions applied."""
+
+def process_pending_runs(settings: Settings) -> dict[str, Any]:
+    """Runs one workflow-manager cycle; returns its report."""
+
+def process_running_steps(settings: Settings) -> dict[str, Any]:
+    """Runs one result-manager cycle; returns its report."""

@@ -46,7 +46,8 @@ impl BackendError {
 /// Everything a backend needs to start one attempt of one run.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
-    /// `ccat-run-{run_id}-a{attempt}`: unique per attempt, findable after a crash.
+    /// `ccat-{database}-run-{run_id}-a{attempt}`: unique per attempt, findable after a
+    /// crash (see [`crate::workflow::job_tag`]).
     pub tag: String,
     pub command: JobCommand,
     /// Per-attempt directory on the host: job log, exit record, batch script.
@@ -165,6 +166,7 @@ pub fn from_settings(
             account: settings.slurm.account.clone(),
             extra_options: settings.slurm.extra_options.clone(),
             accounting: settings.slurm.accounting,
+            calls: Default::default(),
         })),
         HpcBackend::Kubernetes => Err(BackendError::Unsupported(
             "HPC_BACKEND=kubernetes is not available yet; use slurm or local".into(),

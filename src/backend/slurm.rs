@@ -5,8 +5,9 @@
 //! The batch script is the one place a shell sees our data: every word in it is quoted
 //! ([`shlex`]), so names and configuration from the database arrive verbatim.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Backend, BackendError, JobMetrics, JobRef, JobSpec, JobState};
@@ -26,6 +27,25 @@ pub struct SlurmBackend {
     pub extra_options: Vec<String>,
     /// Whether `sacct` can be asked about finished jobs (slurmdbd is configured).
     pub accounting: bool,
+    /// Calls made to each SLURM command (how the controller is treated, for benchmarks
+    /// and monitoring).
+    pub calls: CallCounts,
+}
+
+/// Calls per SLURM command, shared by clones of a backend.
+#[derive(Debug, Clone, Default)]
+pub struct CallCounts(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl CallCounts {
+    fn add(&self, command: &str) {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *counts.entry(command.to_owned()).or_default() += 1;
+    }
+
+    /// The counts so far, starting again from zero.
+    pub fn take(&self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl SlurmBackend {
@@ -40,6 +60,7 @@ impl SlurmBackend {
     /// Runs one SLURM command and returns its stdout.
     async fn run(&self, name: &str, args: &[String]) -> Result<String, BackendError> {
         let program = self.program(name);
+        self.calls.add(name);
         let shown = format!("{} {}", program.display(), args.join(" "));
         let output = tokio::time::timeout(
             COMMAND_TIMEOUT,
@@ -90,6 +111,14 @@ impl SlurmBackend {
         args.extend(self.extra_options.iter().cloned());
         args.push(script.display().to_string());
         args
+    }
+
+    /// Cancels many jobs with as few `scancel` calls as the command line allows.
+    pub async fn cancel_all(&self, job_ids: &[String]) -> Result<(), BackendError> {
+        for chunk in job_ids.chunks(500) {
+            self.run("scancel", chunk).await?;
+        }
+        Ok(())
     }
 
     /// Final states of jobs that left the queue: one `sacct` or one `scontrol` call.

@@ -287,3 +287,58 @@ enum FillTable {
     Scans,
     Packages,
 }
+
+impl Database {
+    /// For the submission benchmark: a processing location, one pipeline `bench` with
+    /// one step whose software runs `command`, and `runs` PENDING runs of it without
+    /// inputs (sub-groups `{key_prefix}1…`). Returns nothing; ids are fixed (1).
+    pub async fn install_bench_runs(
+        &self,
+        command: &[String],
+        runs: i64,
+        key_prefix: &str,
+    ) -> Result<(), DbError> {
+        let command = sqlx::types::Json(command);
+        on_pool!(self, pool => {
+            async {
+                let mut tx = pool.begin().await?;
+                for sql in [
+                    "INSERT INTO data_location (id, name, location_type) VALUES (1, 'proc', 'PROCESSING') \
+                     ON CONFLICT DO NOTHING",
+                    "INSERT INTO data_grouping (id, name) VALUES (1, 'bench') ON CONFLICT DO NOTHING",
+                    "INSERT INTO reduction_software (id, name) VALUES (1, 'bench') ON CONFLICT DO NOTHING",
+                    "INSERT INTO pipeline (id, name, data_grouping_id, processing_location_id) \
+                     VALUES (1, 'bench', 1, 1) ON CONFLICT DO NOTHING",
+                ] {
+                    sqlx::query(sql).execute(&mut *tx).await?;
+                }
+                sqlx::query(
+                    "INSERT INTO reduction_software_version (id, reduction_software_id, version, \
+                     image_ref, command, default_memory_gb) VALUES (1, 1, '1.0.0', 'bench', $1, 0.05) \
+                     ON CONFLICT (id) DO UPDATE SET command = excluded.command",
+                )
+                .bind(command)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO reduction_step (id, pipeline_id, name, reduction_software_id, \
+                     reduction_software_version_id) VALUES (1, 1, 'step', 1, 1) ON CONFLICT DO NOTHING",
+                )
+                .execute(&mut *tx)
+                .await?;
+                for i in 1..=runs {
+                    sqlx::query(
+                        "INSERT INTO executed_reduction_step (reduction_step_id, sub_group_key, \
+                         fingerprint, reduction_software_version_id) VALUES (1, $1, 'bench', 1)",
+                    )
+                    .bind(format!("{key_prefix}{i}"))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await
+            }
+            .await
+        })
+        .map_err(DbError::query("installing benchmark runs"))
+    }
+}

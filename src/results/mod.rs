@@ -1,7 +1,10 @@
 //! The result-manager (SPEC §7): follows the jobs of one backend with one batched status
 //! query per cycle and moves their runs on — SUBMITTED → RUNNING → COLLECTING_RESULTS, or
 //! FAILED with the reason and the tail of the job's log (and back to PENDING while
-//! retries are left) — and stops the jobs of runs an operator cancelled.
+//! retries are left) —, stops the jobs of runs an operator cancelled, and collects the
+//! outputs of succeeded jobs as data products ([`collect`]) → COMPLETED.
+
+pub mod collect;
 
 use std::path::PathBuf;
 
@@ -10,7 +13,7 @@ use serde::Serialize;
 
 use crate::backend::{Backend, JobRef, JobState};
 use crate::config::Settings;
-use crate::db::runs::{ActiveJob, RunMetrics};
+use crate::db::runs::{ActiveJob, NewProduct, RunMetrics};
 use crate::db::{Database, DbError};
 use crate::workflow::layout::RunLayout;
 
@@ -19,6 +22,7 @@ pub const LOG_TAIL_BYTES: u64 = 4096;
 
 #[derive(Debug, Clone)]
 pub struct ResultOptions {
+    pub processing_location_id: i64,
     pub pipeline_base_dir: PathBuf,
     pub retry_backoff: chrono::Duration,
     /// A job the backend does not know is failed only once it was submitted this long
@@ -29,6 +33,7 @@ pub struct ResultOptions {
 impl ResultOptions {
     pub fn from_settings(settings: &Settings) -> Self {
         ResultOptions {
+            processing_location_id: settings.processing_location_id,
             pipeline_base_dir: settings.pipeline_base_dir.clone(),
             retry_backoff: crate::workflow::seconds(settings.workflow.retry_backoff_seconds),
             vanish_grace: chrono::Duration::seconds(30),
@@ -46,12 +51,15 @@ pub struct ResultReport {
     /// Of the failed: put back to PENDING for another attempt.
     pub retried: usize,
     pub cancelled: usize,
+    /// Runs whose outputs were registered (→ COMPLETED), and how many products.
+    pub completed: usize,
+    pub products: usize,
     pub errors: Vec<String>,
 }
 
 impl ResultReport {
     pub fn handled(&self) -> u64 {
-        (self.started + self.succeeded + self.failed + self.cancelled) as u64
+        (self.started + self.succeeded + self.failed + self.cancelled + self.completed) as u64
     }
 }
 
@@ -84,9 +92,67 @@ impl<B: Backend> ResultManager<B> {
         }
     }
 
-    /// One cycle: cancellations, then the status of every active job.
+    /// One cycle: cancellations, the status of every active job, then collection.
     pub async fn cycle(&self, now: DateTime<Utc>) -> Result<ResultReport, DbError> {
         let mut report = ResultReport::default();
+        self.track(&mut report, now).await?;
+        self.collect(&mut report).await?;
+        Ok(report)
+    }
+
+    /// Registers the outputs of every run whose job succeeded.
+    async fn collect(&self, report: &mut ResultReport) -> Result<(), DbError> {
+        let location = self.options.processing_location_id;
+        let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for run in self.db.collecting_runs(location).await? {
+            let layout = RunLayout::new(
+                &self.options.pipeline_base_dir,
+                &run.pipeline_name,
+                &run.sub_group_key,
+                &run.step_name,
+                run.retry_count + 1,
+            );
+            let (found, mut problems) = collect::discover(&layout, run.is_final);
+            let collected = collect::checksum_all(found, parallelism).await;
+            problems.extend(collected.problems);
+            for problem in &problems {
+                tracing::warn!(run_id = run.id, %problem, "output not collected as it is");
+            }
+            let note = (!problems.is_empty()).then(|| {
+                format!(
+                    "collected with {} problem(s): {}",
+                    problems.len(),
+                    problems.join("; ")
+                )
+            });
+            let products: Vec<NewProduct<'_>> = collected
+                .products
+                .iter()
+                .map(|p| NewProduct {
+                    name: &p.name,
+                    product_type: p.product_type,
+                    relative_path: &p.relative_path,
+                    full_path: &p.full_path,
+                    size_bytes: p.size_bytes,
+                    checksum: &p.checksum,
+                    quality_metrics: p.quality_metrics.as_ref(),
+                })
+                .collect();
+            if self
+                .db
+                .register_outputs(run.id, location, &products, note.as_deref(), Utc::now())
+                .await?
+            {
+                tracing::info!(run_id = run.id, products = products.len(), "run completed");
+                report.completed += 1;
+                report.products += products.len();
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancellations, then the status of every active job.
+    async fn track(&self, report: &mut ResultReport, now: DateTime<Utc>) -> Result<(), DbError> {
         for job in self.db.cancelled_jobs(self.backend.name()).await? {
             let job_ref = self.job_ref(&job);
             // Best effort: a job that already ended cannot be cancelled, which is fine.
@@ -103,7 +169,7 @@ impl<B: Backend> ResultManager<B> {
         let jobs = self.db.active_jobs(self.backend.name()).await?;
         report.polled = jobs.len();
         if jobs.is_empty() {
-            return Ok(report);
+            return Ok(());
         }
         let refs: Vec<JobRef> = jobs.iter().map(|j| self.job_ref(j)).collect();
         let states = match self.backend.status(&refs).await {
@@ -112,7 +178,7 @@ impl<B: Backend> ResultManager<B> {
             Err(e) => {
                 tracing::error!(backend = self.backend.name(), error = %e, "job status query failed");
                 report.errors.push(e.to_string());
-                return Ok(report);
+                return Ok(());
             }
         };
         for (job, job_ref) in jobs.iter().zip(&refs) {
@@ -153,11 +219,11 @@ impl<B: Backend> ResultManager<B> {
                     }
                 }
                 JobState::Failed { reason, metrics: m } => {
-                    count_failure(&mut report, fail(reason, metrics(&m)).await?);
+                    count_failure(report, fail(reason, metrics(&m)).await?);
                 }
                 JobState::Cancelled => {
                     let reason = "the job was cancelled on the backend".to_owned();
-                    count_failure(&mut report, fail(reason, RunMetrics::default()).await?);
+                    count_failure(report, fail(reason, RunMetrics::default()).await?);
                 }
                 JobState::Vanished => {
                     let recent = job
@@ -169,12 +235,12 @@ impl<B: Backend> ResultManager<B> {
                             job.hpc_job_id,
                             self.backend.name()
                         );
-                        count_failure(&mut report, fail(reason, RunMetrics::default()).await?);
+                        count_failure(report, fail(reason, RunMetrics::default()).await?);
                     }
                 }
             }
         }
-        Ok(report)
+        Ok(())
     }
 }
 

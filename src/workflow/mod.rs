@@ -107,22 +107,44 @@ pub struct WorkflowManager<B> {
     /// `host:pid:nonce`: unique per process, so a restart never mistakes itself for
     /// the instance that held a lease before.
     owner: String,
+    /// Starts every job tag: names the database, so deployments sharing a cluster never
+    /// mistake each other's jobs for their own.
+    tag_prefix: String,
 }
 
 impl<B: Backend> WorkflowManager<B> {
     pub fn new(db: Database, backend: B, options: WorkflowOptions) -> Self {
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let tag_prefix = tag_prefix(&db.describe());
         WorkflowManager {
             db,
             backend,
             options,
             owner: format!("{host}:{}:{}", std::process::id(), &nonce[..8]),
+            tag_prefix,
         }
+    }
+
+    /// An instance whose lease owner is the same for every instance this process makes
+    /// (one-cycle calls from Python): each call continues what the previous one held.
+    pub fn for_process(db: Database, backend: B, options: WorkflowOptions) -> Self {
+        static NONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let mut manager = Self::new(db, backend, options);
+        let nonce = NONCE.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_owned());
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        // The pid is read now: a forked child gets an owner of its own.
+        manager.owner = format!("{host}:{}:{nonce}", std::process::id());
+        manager
     }
 
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// The tag of a run's attempt, as its job carries it.
+    pub fn job_tag(&self, run_id: i64, attempt: i32) -> String {
+        job_tag(&self.tag_prefix, run_id, attempt)
     }
 
     pub fn backend(&self) -> &B {
@@ -225,7 +247,7 @@ impl<B: Backend> WorkflowManager<B> {
             &run.step_name,
             run.attempt(),
         );
-        let tag = job_tag(run.id, run.attempt());
+        let tag = job_tag(&self.tag_prefix, run.id, run.attempt());
         // An earlier holder recorded its intent and may have submitted before it died:
         // the backend is asked before anything is submitted again.
         if run.submitted_at.is_some() {
@@ -461,9 +483,19 @@ impl<B: Backend> WorkflowManager<B> {
     }
 }
 
-/// The tag a job carries (SLURM job name and comment): findable after a crash.
-pub fn job_tag(run_id: i64, attempt: i32) -> String {
-    format!("ccat-run-{run_id}-a{attempt}")
+/// The tag a job carries (SLURM job name and comment), findable after a crash:
+/// `ccat-{database}-run-{id}-a{attempt}`.
+pub fn job_tag(prefix: &str, run_id: i64, attempt: i32) -> String {
+    format!("{prefix}-run-{run_id}-a{attempt}")
+}
+
+/// `ccat-` and 8 hex digits of the database's identity (kind, host, port, name; never a
+/// password): the same for every manager of one deployment, different between two.
+pub fn tag_prefix(database: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(database.as_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("ccat-{hex}")
 }
 
 fn file_name(path: &str) -> String {

@@ -78,6 +78,7 @@ impl Site {
     }
     pub fn result_options(&self) -> ResultOptions {
         ResultOptions {
+            processing_location_id: 1,
             pipeline_base_dir: self.base(),
             retry_backoff: chrono::Duration::seconds(60),
             vanish_grace: chrono::Duration::seconds(30),
@@ -163,4 +164,49 @@ pub async fn runs(db: &Database) -> Vec<RunRow> {
         Database::Postgres(p) => sqlx::query_as(SQL).fetch_all(p).await.unwrap(),
         Database::Sqlite(p) => sqlx::query_as(SQL).fetch_all(p).await.unwrap(),
     }
+}
+
+/// A registered product with its copy, as the tests look at it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ProductRow {
+    pub run_id: i64,
+    pub name: String,
+    pub product_type: String,
+    pub relative_path: String,
+    pub size_bytes: i64,
+    pub checksum: String,
+    /// Compact JSON text.
+    pub quality_metrics: Option<String>,
+    pub full_path: String,
+}
+
+pub async fn products(db: &Database) -> Vec<ProductRow> {
+    match db {
+        Database::Postgres(p) => sqlx::query_as(
+            "SELECT d.executed_reduction_step_id AS run_id, d.name, d.product_type, d.relative_path, \
+             d.size_bytes, d.checksum, \
+             CASE WHEN d.quality_metrics IS NULL THEN NULL ELSE replace(d.quality_metrics::text, ' ', '') END \
+               AS quality_metrics, c.full_path \
+             FROM data_product d JOIN physical_copy c ON c.data_product_id = d.id ORDER BY d.id",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap(),
+        Database::Sqlite(p) => sqlx::query_as(
+            "SELECT d.executed_reduction_step_id AS run_id, d.name, d.product_type, d.relative_path, \
+             d.size_bytes, d.checksum, json(d.quality_metrics) AS quality_metrics, c.full_path \
+             FROM data_product d JOIN physical_copy c ON c.data_product_id = d.id ORDER BY d.id",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap(),
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

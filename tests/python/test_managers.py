@@ -9,7 +9,9 @@ import pytest
 
 from ccat_workflow_manager import DatabaseError, Settings, _core
 from ccat_workflow_manager.config import make_settings
+from ccat_workflow_manager.managers.result_manager import process_running_steps
 from ccat_workflow_manager.managers.trigger_manager import process_triggers
+from ccat_workflow_manager.managers.workflow_manager import process_pending_runs
 
 SEED = """
 INSERT INTO instrument (id, name) VALUES (1, 'CHAI');
@@ -75,3 +77,40 @@ def test_unusable_database_raises_database_error(database, monkeypatch):
     monkeypatch.setenv("CCAT_OPS_DB_DATABASE_SQLITE_DATABASE", "/proc/no-such-dir/ops.sqlite")
     with pytest.raises(DatabaseError, match="/proc/no-such-dir"):
         process_triggers(make_settings())
+
+
+def test_workflow_and_result_managers_run_jobs_to_their_end(database, tmp_path, monkeypatch):
+    """process_pending_runs submits to the local backend (the job wrapper started through
+    this interpreter); process_running_steps follows the jobs to COMPLETED."""
+    import time
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    command = (
+        '["/bin/sh", "-c", "test -r \\"$WORKFLOW_MANIFEST\\" && '
+        'echo map > \\"$WORKFLOW_OUTPUT_DIR/science/map.fits\\""]'
+    )
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE reduction_software_version SET command = ?", (command,))
+        for package in (1, 2):
+            path = archive / f"p{package}.tar"
+            path.write_text(f"package {package}")
+            conn.execute(
+                "INSERT INTO physical_copy (data_location_id, raw_data_package_id, full_path) VALUES (1, ?, ?)",
+                (package, str(path)),
+            )
+    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR", str(tmp_path / "pipelines"))
+    assert process_triggers(make_settings())["pipelines"][0]["created"] == 2
+    report = process_pending_runs(make_settings())
+    assert (report["claimed"], report["submitted"], report["errors"]) == (2, 2, [])
+    deadline = time.monotonic() + 30
+    while True:
+        report = process_running_steps(make_settings())
+        assert report["errors"] == []
+        with sqlite3.connect(database) as conn:
+            states = [s for (s,) in conn.execute("SELECT status FROM executed_reduction_step")]
+        if states == ["COMPLETED"] * 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert states == ["COMPLETED"] * 2
+    assert (tmp_path / "pipelines/p/night=2026-01-10/output/science/map.fits").read_text() == "map\n"

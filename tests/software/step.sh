@@ -22,7 +22,8 @@ esac
 echo "run $WORKFLOW_RUN_ID attempt $WORKFLOW_ATTEMPT of step $WORKFLOW_STEP"
 if [ -d "$WORKFLOW_OUTPUT_DIR/science" ]; then
   echo "map of run $WORKFLOW_RUN_ID" > "$WORKFLOW_OUTPUT_DIR/science/map.fits"
-  echo '{"rms_mk": 12.5}' > "$WORKFLOW_OUTPUT_DIR/qa/quality_metrics.json"
+  echo '{"rms_mk": 12.5}' > "$WORKFLOW_OUTPUT_DIR/science/map.fits.metrics.json"
+  echo "all good" > "$WORKFLOW_OUTPUT_DIR/qa/summary.txt"
 else
   mkdir -p "$WORKFLOW_OUTPUT_DIR"
   echo "intermediate of run $WORKFLOW_RUN_ID" > "$WORKFLOW_OUTPUT_DIR/result.dat"

@@ -1,0 +1,280 @@
+//! Output collection (SPEC §7): the files a successful job left, found by convention,
+//! checksummed in parallel, and registered as data products with their physical copies
+//! in one transaction with the run's COMPLETED.
+//!
+//! - The final step's `output/{science,qa,plots,statistics,logs}/` → SCIENCE, QA_METRIC,
+//!   PLOT, STATISTICS, LOG; an intermediate step's `workspace/{step}/` → INTERMEDIATE.
+//! - `<file>.metrics.json` beside a product holds its quality metrics (docs/manifest.md);
+//!   it is read, not registered. A corrupt one loses only the metrics.
+//! - Symbolic links are never followed: a link (which could point anywhere) is refused
+//!   and reported, and the walk cannot leave the run directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::workflow::layout::{OUTPUT_KINDS, RunLayout};
+
+/// Suffix of a product's quality-metrics file.
+pub const METRICS_SUFFIX: &str = ".metrics.json";
+
+/// One output file found, before checksumming.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    pub path: PathBuf,
+    /// Relative to the run's directory, e.g. `output/science/map.fits`.
+    pub relative_path: String,
+    pub product_type: &'static str,
+}
+
+/// A file ready to register.
+#[derive(Debug, Clone, Serialize)]
+pub struct Product {
+    pub name: String,
+    pub relative_path: String,
+    pub full_path: String,
+    pub product_type: &'static str,
+    pub size_bytes: i64,
+    pub checksum: String,
+    pub quality_metrics: Option<Value>,
+}
+
+/// What a collection found.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub products: Vec<Product>,
+    /// Paths refused or unreadable, each with the reason; the rest is still registered.
+    pub problems: Vec<String>,
+}
+
+fn product_type(kind: &str) -> &'static str {
+    match kind {
+        "science" => "SCIENCE",
+        "qa" => "QA_METRIC",
+        "plots" => "PLOT",
+        "statistics" => "STATISTICS",
+        _ => "LOG",
+    }
+}
+
+/// The files of a run by the conventions above, without following links.
+pub fn discover(layout: &RunLayout, final_step: bool) -> (Vec<Found>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut problems = Vec::new();
+    let roots: Vec<(PathBuf, &'static str)> = if final_step {
+        OUTPUT_KINDS
+            .iter()
+            .map(|k| (layout.output().join(k), product_type(k)))
+            .collect()
+    } else {
+        vec![(layout.step_workspace(), "INTERMEDIATE")]
+    };
+    for (root, kind) in roots {
+        walk(&layout.root, &root, kind, &mut found, &mut problems);
+    }
+    found.sort_by(|a, b| a.relative_path.cmp(&b.relative_path));
+    (found, problems)
+}
+
+fn walk(
+    run_root: &Path,
+    dir: &Path,
+    kind: &'static str,
+    found: &mut Vec<Found>,
+    problems: &mut Vec<String>,
+) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            problems.push(format!("{}: cannot be read: {e}", dir.display()));
+            return;
+        }
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                problems.push(format!("{}: cannot be read: {e}", dir.display()));
+                continue;
+            }
+        };
+        let path = entry.path();
+        let relative = path
+            .strip_prefix(run_root)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| path.display().to_string());
+        // symlink_metadata: the link itself, never what it points to.
+        match entry.path().symlink_metadata() {
+            Ok(meta) if meta.file_type().is_symlink() => problems.push(format!(
+                "{relative}: refused: a symbolic link (to {})",
+                std::fs::read_link(&path)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "?".into())
+            )),
+            Ok(meta) if meta.is_dir() => walk(run_root, &path, kind, found, problems),
+            Ok(meta) if meta.is_file() => {
+                if !relative.ends_with(METRICS_SUFFIX) {
+                    found.push(Found {
+                        path,
+                        relative_path: relative,
+                        product_type: kind,
+                    });
+                }
+            }
+            Ok(_) => problems.push(format!("{relative}: refused: not a regular file")),
+            Err(e) => problems.push(format!("{relative}: cannot be read: {e}")),
+        }
+    }
+}
+
+/// SHA-256 and size of a file, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        size += n as u64;
+    }
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((hex, size))
+}
+
+/// The quality metrics beside `path`, if any: Ok(None) without a file, Err when the file
+/// is there but not a JSON object.
+fn read_metrics(path: &Path) -> Result<Option<Value>, String> {
+    let mut sidecar = path.as_os_str().to_owned();
+    sidecar.push(METRICS_SUFFIX);
+    let sidecar = PathBuf::from(sidecar);
+    match sidecar.symlink_metadata() {
+        Err(_) => return Ok(None),
+        Ok(meta) if !meta.is_file() => return Err("not a regular file".into()),
+        Ok(_) => {}
+    }
+    let text = std::fs::read(&sidecar).map_err(|e| e.to_string())?;
+    match serde_json::from_slice::<Value>(&text) {
+        Ok(v @ Value::Object(_)) => Ok(Some(v)),
+        Ok(_) => Err("not a JSON object".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Checksums the found files, `parallelism` at a time on blocking threads.
+pub async fn checksum_all(found: Vec<Found>, parallelism: usize) -> Collected {
+    let permits = Arc::new(tokio::sync::Semaphore::new(parallelism.max(1)));
+    let mut tasks = Vec::with_capacity(found.len());
+    for item in found {
+        let permits = permits.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("never closed");
+            tokio::task::spawn_blocking(move || {
+                let digest = sha256_file(&item.path);
+                let metrics = read_metrics(&item.path);
+                (item, digest, metrics)
+            })
+            .await
+        }));
+    }
+    let mut collected = Collected::default();
+    for task in tasks {
+        let Ok(Ok((item, digest, metrics))) = task.await else {
+            collected
+                .problems
+                .push("a checksum task failed unexpectedly".into());
+            continue;
+        };
+        let (checksum, size) = match digest {
+            Ok(d) => d,
+            Err(e) => {
+                collected
+                    .problems
+                    .push(format!("{}: cannot be read: {e}", item.relative_path));
+                continue;
+            }
+        };
+        let quality_metrics = match metrics {
+            Ok(m) => m,
+            Err(e) => {
+                collected.problems.push(format!(
+                    "{}{METRICS_SUFFIX}: metrics ignored: {e}",
+                    item.relative_path
+                ));
+                None
+            }
+        };
+        collected.products.push(Product {
+            name: item
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            relative_path: item.relative_path,
+            full_path: item.path.display().to_string(),
+            product_type: item.product_type,
+            size_bytes: size as i64,
+            checksum,
+            quality_metrics,
+        });
+    }
+    collected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn outputs_are_found_by_convention_and_links_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = RunLayout::new(dir.path(), "p", "all", "map", 1);
+        for d in layout.directories(true) {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let out = layout.output();
+        std::fs::write(out.join("science/map.fits"), b"abc").unwrap();
+        std::fs::write(out.join("science/map.fits.metrics.json"), br#"{"rms": 1.5}"#).unwrap();
+        std::fs::create_dir_all(out.join("plots/deep")).unwrap();
+        std::fs::write(out.join("plots/deep/p.png"), b"png").unwrap();
+        std::fs::write(out.join("qa/q.txt"), b"q").unwrap();
+        std::fs::write(out.join("qa/q.txt.metrics.json"), b"{not json").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", out.join("science/escape")).unwrap();
+        let (found, problems) = discover(&layout, true);
+        let paths: Vec<&str> = found.iter().map(|f| f.relative_path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["output/plots/deep/p.png", "output/qa/q.txt", "output/science/map.fits"]
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("output/science/escape: refused"), "{problems:?}");
+        let collected = checksum_all(found, 2).await;
+        let map = collected
+            .products
+            .iter()
+            .find(|p| p.name == "map.fits")
+            .unwrap();
+        assert_eq!(
+            map.checksum,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(map.size_bytes, 3);
+        assert_eq!(map.product_type, "SCIENCE");
+        assert_eq!(map.quality_metrics, Some(serde_json::json!({"rms": 1.5})));
+        let q = collected.products.iter().find(|p| p.name == "q.txt").unwrap();
+        assert_eq!(q.quality_metrics, None);
+        assert!(collected.problems[0].contains("metrics ignored"), "{:?}", collected.problems);
+    }
+}

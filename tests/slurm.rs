@@ -1,0 +1,322 @@
+//! The SLURM backend against a real one-node cluster (slurmctld + slurmd + munge, started
+//! by `scripts/services.sh`, found through `CCAT_TEST_SLURM_CONF`), on PostgreSQL.
+//!
+//! The SLURM commands are reached through small wrappers that log each call, so the tests
+//! can count how the managers treat the controller, and one wrapper can kill the manager
+//! right after `sbatch` returns.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ccat_workflow_manager::backend::slurm::SlurmBackend;
+use ccat_workflow_manager::config::StagingMode;
+use ccat_workflow_manager::db::Database;
+use ccat_workflow_manager::results::ResultManager;
+use ccat_workflow_manager::workflow::WorkflowManager;
+use chrono::Utc;
+use common::lifecycle::{self, Site, command_json, pipeline_sql, runs, settle};
+use common::{TestDatabase, exec};
+
+const COMMANDS: [&str; 5] = ["sbatch", "squeue", "scontrol", "sacct", "scancel"];
+
+fn slurm_conf() -> String {
+    std::env::var("CCAT_TEST_SLURM_CONF").expect(
+        "CCAT_TEST_SLURM_CONF is not set: start a test cluster with \
+         `eval \"$(bash scripts/services.sh up)\"` (nox -s tests does)",
+    )
+}
+
+/// A directory of wrappers around the real SLURM commands: each appends its name to
+/// `calls.log` and runs the real one with the test cluster's configuration. With
+/// `kill_after_sbatch`, sbatch kills its caller once the job is submitted.
+fn wrappers(dir: &Path, kill_after_sbatch: bool) -> PathBuf {
+    let bin = dir.join(if kill_after_sbatch { "bin-crash" } else { "bin" });
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = dir.join("calls.log");
+    for name in COMMANDS {
+        let out = Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .output()
+            .unwrap();
+        let real = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        assert!(!real.is_empty(), "{name} is not installed");
+        let run = if name == "sbatch" && kill_after_sbatch {
+            format!("out=$({real} \"$@\") || exit $?\necho \"$out\"\nkill -9 $PPID\n")
+        } else {
+            format!("exec {real} \"$@\"\n")
+        };
+        let script = format!(
+            "#!/bin/sh\necho {name} >> '{}'\nSLURM_CONF='{}'\nexport SLURM_CONF\n{run}",
+            log.display(),
+            slurm_conf()
+        );
+        let path = bin.join(name);
+        std::fs::write(&path, script).unwrap();
+        std::process::Command::new("chmod")
+            .args(["+x", path.to_str().unwrap()])
+            .status()
+            .unwrap();
+    }
+    bin
+}
+
+/// Calls per command since the log was last taken.
+fn take_calls(dir: &Path) -> std::collections::BTreeMap<String, usize> {
+    let log = dir.join("calls.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let mut counts = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        *counts.entry(line.to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn backend(site: &Site) -> SlurmBackend {
+    SlurmBackend {
+        bin_dir: wrappers(site.dir.path(), false),
+        ..Default::default()
+    }
+}
+
+async fn setup(label: &str, command: &[&str], time_hours: f64, max_retries: i32) -> (TestDatabase, Site) {
+    let t = TestDatabase::postgres(label).await;
+    t.db.migrate().await.unwrap();
+    let site = lifecycle::setup_site(
+        &t.db,
+        &pipeline_sql(&command_json(command), time_hours, max_retries),
+        None,
+    )
+    .await;
+    (t, site)
+}
+
+/// The jobs the cluster holds with this name (any state).
+fn jobs_named(site: &Site, name: &str) -> Vec<String> {
+    let out = Command::new(wrappers(site.dir.path(), false).join("squeue"))
+        .args(["--noheader", "--states=all", &format!("--name={name}"), "--format=%i"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn jobs_complete_and_fail_on_slurm_with_words_passed_verbatim() {
+    const NASTY: &[&str] = &["$(touch /tmp/ccat-slurm-pwned)", "it's \"q\"", "a\nb", "x;y|z &", "*"];
+    let mut args = vec!["echo-args"];
+    args.extend_from_slice(NASTY);
+    let (t, site) = setup("slurm_ok", &args, 1.0, 0).await;
+    let db = &t.db;
+    // A second software version that fails, for the run of scan 3.
+    exec(
+        db,
+        &format!(
+            "INSERT INTO reduction_software_version (id, reduction_software_id, version, image_ref, command) \
+             VALUES (2, 1, '2.0.0', 'x', '{}')",
+            command_json(&["fail"])
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(lifecycle::create_runs(db).await, 3);
+    exec(
+        db,
+        "UPDATE executed_reduction_step SET reduction_software_version_id = 2 \
+         WHERE sub_group_key = 'executed_obs_unit=3'",
+    )
+    .await
+    .unwrap();
+    let wm = WorkflowManager::new(db.clone(), backend(&site), site.options(StagingMode::Local));
+    let report = wm.cycle(Utc::now()).await.unwrap();
+    assert_eq!(report.submitted, 3, "{report:?}");
+    assert_eq!(take_calls(site.dir.path()).get("sbatch"), Some(&3));
+    // The job carries its run in its name.
+    let run = &runs(db).await[0];
+    assert_eq!(
+        jobs_named(&site, &wm.job_tag(run.id, 1)),
+        vec![run.hpc_job_id.clone().unwrap()]
+    );
+
+    let results = ResultManager::new(db.clone(), backend(&site), site.result_options());
+    let states = settle(db, &results, &["COMPLETED", "FAILED"], Duration::from_secs(60)).await;
+    let all = runs(db).await;
+    assert_eq!(all[0].status, "COMPLETED", "{states:?}");
+    assert_eq!(all[1].status, "COMPLETED");
+    assert_eq!(all[0].exit_code, Some(0));
+    assert_eq!(all[2].status, "FAILED");
+    assert_eq!(all[2].error_message.as_deref(), Some("exit code 3"));
+    assert!(all[2].log_tail.as_deref().unwrap_or("").contains("step failing on purpose"));
+    let written = std::fs::read_to_string(
+        site.base().join("calib/executed_obs_unit=1/output/args.txt"),
+    )
+    .unwrap();
+    assert_eq!(written, format!("{}\n", NASTY.join("\n")));
+    assert!(!Path::new("/tmp/ccat-slurm-pwned").exists());
+    assert!(site.base().join("calib/executed_obs_unit=1/output/science/map.fits").is_file());
+}
+
+#[tokio::test]
+async fn a_job_over_its_time_limit_ends_as_failed_by_timeout() {
+    // SLURM rounds limits up to whole minutes and checks them every 30 s: ~1-1.5 min.
+    let (t, site) = setup("slurm_timeout", &["sleep", "600"], 1.0 / 3600.0, 0).await;
+    let db = &t.db;
+    exec(db, "UPDATE data_grouping SET filter_rules = '[{\"table\": \"RawDataPackage\", \"column\": \"id\", \"operator\": \"eq\", \"value\": 4}]'").await.unwrap();
+    assert_eq!(lifecycle::create_runs(db).await, 1);
+    let wm = WorkflowManager::new(db.clone(), backend(&site), site.options(StagingMode::Local));
+    assert_eq!(wm.cycle(Utc::now()).await.unwrap().submitted, 1);
+    let results = ResultManager::new(db.clone(), backend(&site), site.result_options());
+    settle(db, &results, &["FAILED"], Duration::from_secs(180)).await;
+    let run = &runs(db).await[0];
+    assert_eq!(run.status, "FAILED");
+    assert!(
+        run.error_message.as_deref().unwrap_or("").contains("time limit"),
+        "{:?}",
+        run.error_message
+    );
+}
+
+#[tokio::test]
+async fn cancelling_a_run_cancels_its_slurm_job() {
+    let (t, site) = setup("slurm_cancel", &["sleep", "600"], 1.0, 0).await;
+    let db = &t.db;
+    assert_eq!(lifecycle::create_runs(db).await, 3);
+    let wm = WorkflowManager::new(db.clone(), backend(&site), site.options(StagingMode::Local));
+    assert_eq!(wm.cycle(Utc::now()).await.unwrap().submitted, 3);
+    let results = ResultManager::new(db.clone(), backend(&site), site.result_options());
+    let states = settle(db, &results, &["RUNNING"], Duration::from_secs(60)).await;
+    assert!(states.iter().all(|(_, s)| s == "RUNNING"), "{states:?}");
+    for run in runs(db).await {
+        assert!(db.cancel_run(run.id, "not needed").await.unwrap());
+    }
+    take_calls(site.dir.path());
+    assert_eq!(results.cycle(Utc::now()).await.unwrap().cancelled, 3);
+    assert_eq!(take_calls(site.dir.path()).get("scancel"), Some(&3));
+    for run in runs(db).await {
+        assert_eq!(run.status, "CANCELLED");
+        let id = run.hpc_job_id.unwrap();
+        let mut state = String::new();
+        for _ in 0..50 {
+            let out = Command::new(wrappers(site.dir.path(), false).join("squeue"))
+                .args(["--noheader", "--states=all", "--jobs", &id, "--format=%T"])
+                .output()
+                .unwrap();
+            state = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+            if state == "CANCELLED" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(state, "CANCELLED", "job {id}");
+    }
+}
+
+#[tokio::test]
+async fn two_hundred_jobs_cost_one_squeue_a_cycle_and_at_most_one_scontrol() {
+    let (t, site) = setup("slurm_poll", &["ok"], 1.0, 0).await;
+    let db = &t.db;
+    insert_runs(db, 200).await;
+    let wm = WorkflowManager::new(db.clone(), backend(&site), site.options(StagingMode::Local));
+    let mut submitted = 0;
+    while submitted < 200 {
+        submitted += wm.cycle(Utc::now()).await.unwrap().submitted;
+    }
+    assert_eq!(take_calls(site.dir.path()).get("sbatch"), Some(&200));
+    let results = ResultManager::new(db.clone(), backend(&site), site.result_options());
+    let mut cycles = 0;
+    loop {
+        let report = results.cycle(Utc::now()).await.unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        cycles += 1;
+        let calls = take_calls(site.dir.path());
+        if report.polled > 0 {
+            assert_eq!(calls.get("squeue"), Some(&1), "cycle {cycles}: {calls:?}");
+            assert!(calls.get("scontrol").copied().unwrap_or(0) <= 1, "{calls:?}");
+            assert_eq!(calls.get("sbatch"), None);
+            assert_eq!(calls.len(), calls.contains_key("scontrol") as usize + 1, "{calls:?}");
+        } else {
+            assert!(calls.is_empty(), "nothing to poll, nothing asked: {calls:?}");
+            break;
+        }
+        assert!(cycles < 300, "jobs did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all = runs(db).await;
+    assert!(all.iter().all(|r| r.status == "COMPLETED"), "{:?}", all.iter().map(|r| &r.status).collect::<Vec<_>>());
+}
+
+/// `n` runs of step 1, each on package 1 (whose copy is in the archive).
+async fn insert_runs(db: &Database, n: usize) {
+    exec(
+        db,
+        &format!(
+            "INSERT INTO executed_reduction_step (reduction_step_id, sub_group_key, fingerprint, \
+               reduction_software_version_id) SELECT 1, 'k' || i, 'f', 1 FROM generate_series(1, {n}) AS i; \
+             INSERT INTO executed_reduction_step_raw_input (executed_reduction_step_id, raw_data_package_id) \
+             SELECT id, 1 FROM executed_reduction_step;"
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_manager_killed_after_sbatch_adopts_the_job_on_restart() {
+    let (t, site) = setup("slurm_crash", &["sleep", "30"], 1.0, 0).await;
+    insert_runs(&t.db, 1).await;
+    let env = |bin: &Path| {
+        vec![
+            ("CCAT_WORKFLOW_MANAGER_HPC_BACKEND", "slurm".to_owned()),
+            ("CCAT_WORKFLOW_MANAGER_SLURM_BIN_DIR", bin.display().to_string()),
+            ("CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR", site.base().display().to_string()),
+            ("CCAT_WORKFLOW_MANAGER_STAGING_MODE", "local".to_owned()),
+        ]
+    };
+    let run_manager = |bin: &Path| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ccat-wfm"));
+        cmd.args(["workflow-manager", "--once", "--database-url", &t.url])
+            .current_dir(site.dir.path())
+            .env_remove("RUST_LOG");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("CCAT_WORKFLOW_MANAGER_") || key.starts_with("CCAT_OPS_DB_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.envs(env(bin));
+        cmd.output().unwrap()
+    };
+    let crashed = run_manager(&wrappers(site.dir.path(), true));
+    assert_eq!(crashed.status.code(), None, "killed by a signal: {crashed:?}");
+    let run = &runs(&t.db).await[0];
+    assert_eq!(run.status, "STAGING_DATA");
+    assert_eq!(run.hpc_job_id, None, "the id was never recorded");
+    let tag = ccat_workflow_manager::workflow::job_tag(
+        &ccat_workflow_manager::workflow::tag_prefix(&t.db.describe()),
+        run.id,
+        1,
+    );
+    assert_eq!(jobs_named(&site, &tag).len(), 1, "submitted before the crash");
+    take_calls(site.dir.path());
+
+    let restarted = run_manager(&wrappers(site.dir.path(), false));
+    assert!(restarted.status.success(), "{restarted:?}");
+    let report: serde_json::Value = serde_json::from_slice(&restarted.stdout).unwrap();
+    assert_eq!(report["adopted"], 1, "{report}");
+    assert_eq!(report["submitted"], 0, "{report}");
+    assert_eq!(take_calls(site.dir.path()).get("sbatch"), None, "never submitted again");
+    let jobs = jobs_named(&site, &tag);
+    assert_eq!(jobs.len(), 1, "exactly one SLURM job: {jobs:?}");
+    let run = &runs(&t.db).await[0];
+    assert_eq!(run.status, "SUBMITTED");
+    assert_eq!(run.hpc_job_id.as_deref(), Some(jobs[0].as_str()));
+    Command::new(wrappers(site.dir.path(), false).join("scancel"))
+        .arg(&jobs[0])
+        .status()
+        .unwrap();
+}
