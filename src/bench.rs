@@ -430,8 +430,12 @@ async fn slurm_on(
     let mut polls = Vec::new();
     let mut have = 0;
     for n in active {
-        db.install_bench_runs(&["/bin/sleep".to_owned(), "3600".to_owned()], n - have, &format!("active{n}-"))
-            .await?;
+        db.install_bench_runs(
+            &["/bin/sleep".to_owned(), "3600".to_owned()],
+            n - have,
+            &format!("active{n}-"),
+        )
+        .await?;
         submit_all(n - have).await?;
         have = n;
         backend.calls.take();
@@ -462,7 +466,11 @@ pub fn render_slurm(f: &SlurmFigures) -> String {
         f.submitted,
         f.submit_s,
         f.submit_goal_s,
-        if f.submit_s < f.submit_goal_s { "met" } else { "NOT met" }
+        if f.submit_s < f.submit_goal_s {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     for p in &f.polls {
         let total: u64 = p.calls.values().sum();
@@ -475,7 +483,11 @@ pub fn render_slurm(f: &SlurmFigures) -> String {
             total,
             calls.join(", "),
             p.cycle_ms,
-            if squeue == 1 && total <= 2 { "met" } else { "NOT met" }
+            if squeue == 1 && total <= 2 {
+                "met"
+            } else {
+                "NOT met"
+            }
         ));
     }
     out

@@ -116,6 +116,11 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArg,
     },
+    /// Where a data product comes from, or what was derived from a raw data package.
+    Lineage {
+        #[command(subcommand)]
+        command: LineageCommand,
+    },
     /// The local backend's job wrapper (started by the workflow-manager, not by hand).
     #[command(hide = true)]
     JobWrapper {
@@ -179,6 +184,30 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LineageCommand {
+    /// A product's runs (across steps) down to the raw data packages.
+    Product {
+        /// The data product's id.
+        id: i64,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
+    /// Every product derived from a raw data package, directly or through other products.
+    Package {
+        /// The raw data package's id.
+        id: i64,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DatabaseArg,
     },
 }
 
@@ -453,6 +482,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Command::Lineage { command } => lineage(&settings, command).await,
         Command::JobWrapper { .. } => unreachable!("handled before the runtime starts"),
         Command::WorkflowManager { once, db } => {
             let db = open_database(&settings, &db).await?;
@@ -874,6 +904,121 @@ async fn health(settings: &Settings, service: Option<String>, json: bool) -> any
     }
     let all_healthy = !services.is_empty() && services.iter().all(|s| s.health == Health::Healthy);
     Ok(if all_healthy { 0 } else { EXIT_PROBLEM })
+}
+
+async fn lineage(settings: &Settings, command: LineageCommand) -> anyhow::Result<u8> {
+    match command {
+        LineageCommand::Product { id, json, db } => {
+            let db = open_database(settings, &db).await?;
+            let lineage = db.product_lineage(id).await;
+            db.close().await;
+            let Some(lineage) = lineage? else {
+                eprintln!("error: no data product with id {id}");
+                return Ok(EXIT_PROBLEM);
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lineage)?);
+                return Ok(0);
+            }
+            let p = &lineage.product;
+            println!(
+                "product {} {} ({}, sha256 {})\n  made by run {} ({} / {} / {})",
+                p.id,
+                p.relative_path,
+                p.product_type,
+                p.checksum,
+                p.run_id,
+                p.pipeline,
+                p.step,
+                p.sub_group_key
+            );
+            let rows: Vec<Vec<String>> = lineage
+                .runs
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.run.run_id.to_string(),
+                        r.run.pipeline.clone(),
+                        r.run.step.clone(),
+                        r.run.sub_group_key.clone(),
+                        r.run.status.clone(),
+                        join_ids(&r.product_inputs),
+                        join_ids(&r.raw_inputs),
+                    ]
+                })
+                .collect();
+            println!();
+            print!(
+                "{}",
+                render_table(
+                    &[
+                        "RUN",
+                        "PIPELINE",
+                        "STEP",
+                        "SUB-GROUP",
+                        "STATUS",
+                        "PRODUCTS READ",
+                        "PACKAGES READ"
+                    ],
+                    &rows
+                )
+            );
+            let names: Vec<String> = lineage
+                .raw_data_packages
+                .iter()
+                .map(|p| format!("{} ({})", p.name, p.id))
+                .collect();
+            println!("\nraw data packages: {}", names.join(", "));
+            Ok(0)
+        }
+        LineageCommand::Package { id, json, db } => {
+            let db = open_database(settings, &db).await?;
+            let products = db.derived_products(id).await;
+            db.close().await;
+            let products = products?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&products)?);
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = products
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.id.to_string(),
+                        p.product_type.clone(),
+                        p.relative_path.clone(),
+                        p.run_id.to_string(),
+                        p.pipeline.clone(),
+                        p.step.clone(),
+                        p.sub_group_key.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render_table(
+                    &[
+                        "PRODUCT",
+                        "TYPE",
+                        "PATH",
+                        "RUN",
+                        "PIPELINE",
+                        "STEP",
+                        "SUB-GROUP"
+                    ],
+                    &rows
+                )
+            );
+            if products.is_empty() {
+                println!("nothing has been derived from raw data package {id} yet");
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn join_ids(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// SIGINT / SIGTERM, registered once so that a signal during a cycle is not lost: the

@@ -33,7 +33,11 @@ fn slurm_conf() -> String {
 /// `calls.log` and runs the real one with the test cluster's configuration. With
 /// `kill_after_sbatch`, sbatch kills its caller once the job is submitted.
 fn wrappers(dir: &Path, kill_after_sbatch: bool) -> PathBuf {
-    let bin = dir.join(if kill_after_sbatch { "bin-crash" } else { "bin" });
+    let bin = dir.join(if kill_after_sbatch {
+        "bin-crash"
+    } else {
+        "bin"
+    });
     std::fs::create_dir_all(&bin).unwrap();
     let log = dir.join("calls.log");
     for name in COMMANDS {
@@ -82,7 +86,12 @@ fn backend(site: &Site) -> SlurmBackend {
     }
 }
 
-async fn setup(label: &str, command: &[&str], time_hours: f64, max_retries: i32) -> (TestDatabase, Site) {
+async fn setup(
+    label: &str,
+    command: &[&str],
+    time_hours: f64,
+    max_retries: i32,
+) -> (TestDatabase, Site) {
     let t = TestDatabase::postgres(label).await;
     t.db.migrate().await.unwrap();
     let site = lifecycle::setup_site(
@@ -97,7 +106,12 @@ async fn setup(label: &str, command: &[&str], time_hours: f64, max_retries: i32)
 /// The jobs the cluster holds with this name (any state).
 fn jobs_named(site: &Site, name: &str) -> Vec<String> {
     let out = Command::new(wrappers(site.dir.path(), false).join("squeue"))
-        .args(["--noheader", "--states=all", &format!("--name={name}"), "--format=%i"])
+        .args([
+            "--noheader",
+            "--states=all",
+            &format!("--name={name}"),
+            "--format=%i",
+        ])
         .output()
         .unwrap();
     String::from_utf8(out.stdout)
@@ -109,7 +123,13 @@ fn jobs_named(site: &Site, name: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn jobs_complete_and_fail_on_slurm_with_words_passed_verbatim() {
-    const NASTY: &[&str] = &["$(touch /tmp/ccat-slurm-pwned)", "it's \"q\"", "a\nb", "x;y|z &", "*"];
+    const NASTY: &[&str] = &[
+        "$(touch /tmp/ccat-slurm-pwned)",
+        "it's \"q\"",
+        "a\nb",
+        "x;y|z &",
+        "*",
+    ];
     let mut args = vec!["echo-args"];
     args.extend_from_slice(NASTY);
     let (t, site) = setup("slurm_ok", &args, 1.0, 0).await;
@@ -145,21 +165,38 @@ async fn jobs_complete_and_fail_on_slurm_with_words_passed_verbatim() {
     );
 
     let results = ResultManager::new(db.clone(), backend(&site), site.result_options());
-    let states = settle(db, &results, &["COMPLETED", "FAILED"], Duration::from_secs(60)).await;
+    let states = settle(
+        db,
+        &results,
+        &["COMPLETED", "FAILED"],
+        Duration::from_secs(60),
+    )
+    .await;
     let all = runs(db).await;
     assert_eq!(all[0].status, "COMPLETED", "{states:?}");
     assert_eq!(all[1].status, "COMPLETED");
     assert_eq!(all[0].exit_code, Some(0));
     assert_eq!(all[2].status, "FAILED");
     assert_eq!(all[2].error_message.as_deref(), Some("exit code 3"));
-    assert!(all[2].log_tail.as_deref().unwrap_or("").contains("step failing on purpose"));
+    assert!(
+        all[2]
+            .log_tail
+            .as_deref()
+            .unwrap_or("")
+            .contains("step failing on purpose")
+    );
     let written = std::fs::read_to_string(
-        site.base().join("calib/executed_obs_unit=1/output/args.txt"),
+        site.base()
+            .join("calib/executed_obs_unit=1/output/args.txt"),
     )
     .unwrap();
     assert_eq!(written, format!("{}\n", NASTY.join("\n")));
     assert!(!Path::new("/tmp/ccat-slurm-pwned").exists());
-    assert!(site.base().join("calib/executed_obs_unit=1/output/science/map.fits").is_file());
+    assert!(
+        site.base()
+            .join("calib/executed_obs_unit=1/output/science/map.fits")
+            .is_file()
+    );
 }
 
 #[tokio::test]
@@ -176,7 +213,10 @@ async fn a_job_over_its_time_limit_ends_as_failed_by_timeout() {
     let run = &runs(db).await[0];
     assert_eq!(run.status, "FAILED");
     assert!(
-        run.error_message.as_deref().unwrap_or("").contains("time limit"),
+        run.error_message
+            .as_deref()
+            .unwrap_or("")
+            .contains("time limit"),
         "{:?}",
         run.error_message
     );
@@ -237,18 +277,32 @@ async fn two_hundred_jobs_cost_one_squeue_a_cycle_and_at_most_one_scontrol() {
         let calls = take_calls(site.dir.path());
         if report.polled > 0 {
             assert_eq!(calls.get("squeue"), Some(&1), "cycle {cycles}: {calls:?}");
-            assert!(calls.get("scontrol").copied().unwrap_or(0) <= 1, "{calls:?}");
+            assert!(
+                calls.get("scontrol").copied().unwrap_or(0) <= 1,
+                "{calls:?}"
+            );
             assert_eq!(calls.get("sbatch"), None);
-            assert_eq!(calls.len(), calls.contains_key("scontrol") as usize + 1, "{calls:?}");
+            assert_eq!(
+                calls.len(),
+                calls.contains_key("scontrol") as usize + 1,
+                "{calls:?}"
+            );
         } else {
-            assert!(calls.is_empty(), "nothing to poll, nothing asked: {calls:?}");
+            assert!(
+                calls.is_empty(),
+                "nothing to poll, nothing asked: {calls:?}"
+            );
             break;
         }
         assert!(cycles < 300, "jobs did not finish");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let all = runs(db).await;
-    assert!(all.iter().all(|r| r.status == "COMPLETED"), "{:?}", all.iter().map(|r| &r.status).collect::<Vec<_>>());
+    assert!(
+        all.iter().all(|r| r.status == "COMPLETED"),
+        "{:?}",
+        all.iter().map(|r| &r.status).collect::<Vec<_>>()
+    );
 }
 
 /// `n` runs of step 1, each on package 1 (whose copy is in the archive).
@@ -273,8 +327,14 @@ async fn a_manager_killed_after_sbatch_adopts_the_job_on_restart() {
     let env = |bin: &Path| {
         vec![
             ("CCAT_WORKFLOW_MANAGER_HPC_BACKEND", "slurm".to_owned()),
-            ("CCAT_WORKFLOW_MANAGER_SLURM_BIN_DIR", bin.display().to_string()),
-            ("CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR", site.base().display().to_string()),
+            (
+                "CCAT_WORKFLOW_MANAGER_SLURM_BIN_DIR",
+                bin.display().to_string(),
+            ),
+            (
+                "CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR",
+                site.base().display().to_string(),
+            ),
             ("CCAT_WORKFLOW_MANAGER_STAGING_MODE", "local".to_owned()),
         ]
     };
@@ -292,7 +352,11 @@ async fn a_manager_killed_after_sbatch_adopts_the_job_on_restart() {
         cmd.output().unwrap()
     };
     let crashed = run_manager(&wrappers(site.dir.path(), true));
-    assert_eq!(crashed.status.code(), None, "killed by a signal: {crashed:?}");
+    assert_eq!(
+        crashed.status.code(),
+        None,
+        "killed by a signal: {crashed:?}"
+    );
     let run = &runs(&t.db).await[0];
     assert_eq!(run.status, "STAGING_DATA");
     assert_eq!(run.hpc_job_id, None, "the id was never recorded");
@@ -301,7 +365,11 @@ async fn a_manager_killed_after_sbatch_adopts_the_job_on_restart() {
         run.id,
         1,
     );
-    assert_eq!(jobs_named(&site, &tag).len(), 1, "submitted before the crash");
+    assert_eq!(
+        jobs_named(&site, &tag).len(),
+        1,
+        "submitted before the crash"
+    );
     take_calls(site.dir.path());
 
     let restarted = run_manager(&wrappers(site.dir.path(), false));
@@ -309,7 +377,11 @@ async fn a_manager_killed_after_sbatch_adopts_the_job_on_restart() {
     let report: serde_json::Value = serde_json::from_slice(&restarted.stdout).unwrap();
     assert_eq!(report["adopted"], 1, "{report}");
     assert_eq!(report["submitted"], 0, "{report}");
-    assert_eq!(take_calls(site.dir.path()).get("sbatch"), None, "never submitted again");
+    assert_eq!(
+        take_calls(site.dir.path()).get("sbatch"),
+        None,
+        "never submitted again"
+    );
     let jobs = jobs_named(&site, &tag);
     assert_eq!(jobs.len(), 1, "exactly one SLURM job: {jobs:?}");
     let run = &runs(&t.db).await[0];

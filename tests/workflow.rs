@@ -94,13 +94,7 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
         );
 
         let results = ResultManager::new(db.clone(), local(), site.result_options());
-        let states = settle(
-            db,
-            &results,
-            &["COMPLETED"],
-            Duration::from_secs(30),
-        )
-        .await;
+        let states = settle(db, &results, &["COMPLETED"], Duration::from_secs(30)).await;
         assert!(
             states.iter().all(|(_, s)| s == "COMPLETED"),
             "{states:?} {}",
@@ -124,7 +118,10 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
         let content = std::fs::read(&map).unwrap();
         assert_eq!(registered.size_bytes, content.len() as i64);
         assert_eq!(registered.checksum, lifecycle::sha256_hex(&content));
-        assert_eq!(registered.quality_metrics.as_deref(), Some(r#"{"rms_mk":12.5}"#));
+        assert_eq!(
+            registered.quality_metrics.as_deref(),
+            Some(r#"{"rms_mk":12.5}"#)
+        );
         assert!(products.iter().any(|p| p.product_type == "QA_METRIC"));
         let log = std::fs::read_to_string(root.join("logs/calibrate/attempt-1/job.log")).unwrap();
         assert!(log.contains("of step calibrate"), "{log}");
@@ -475,17 +472,8 @@ async fn strings_from_the_database_reach_the_job_verbatim() {
             t.url
         );
         let results = ResultManager::new(db.clone(), local(), site.result_options());
-        let states = settle(
-            db,
-            &results,
-            &["COMPLETED"],
-            Duration::from_secs(30),
-        )
-        .await;
-        assert!(
-            states.iter().all(|(_, s)| s == "COMPLETED"),
-            "{states:?}"
-        );
+        let states = settle(db, &results, &["COMPLETED"], Duration::from_secs(30)).await;
+        assert!(states.iter().all(|(_, s)| s == "COMPLETED"), "{states:?}");
         let root = site
             .base()
             .join("calib~20~24~28x~29~20~27q~27~0Anl/executed_obs_unit=1");

@@ -8,6 +8,7 @@
 
 pub mod changes;
 pub mod filter_sql;
+pub mod lineage;
 pub mod pipelines;
 pub mod runs;
 pub mod schema;

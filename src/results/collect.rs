@@ -246,7 +246,11 @@ mod tests {
         }
         let out = layout.output();
         std::fs::write(out.join("science/map.fits"), b"abc").unwrap();
-        std::fs::write(out.join("science/map.fits.metrics.json"), br#"{"rms": 1.5}"#).unwrap();
+        std::fs::write(
+            out.join("science/map.fits.metrics.json"),
+            br#"{"rms": 1.5}"#,
+        )
+        .unwrap();
         std::fs::create_dir_all(out.join("plots/deep")).unwrap();
         std::fs::write(out.join("plots/deep/p.png"), b"png").unwrap();
         std::fs::write(out.join("qa/q.txt"), b"q").unwrap();
@@ -256,10 +260,17 @@ mod tests {
         let paths: Vec<&str> = found.iter().map(|f| f.relative_path.as_str()).collect();
         assert_eq!(
             paths,
-            ["output/plots/deep/p.png", "output/qa/q.txt", "output/science/map.fits"]
+            [
+                "output/plots/deep/p.png",
+                "output/qa/q.txt",
+                "output/science/map.fits"
+            ]
         );
         assert_eq!(problems.len(), 1);
-        assert!(problems[0].contains("output/science/escape: refused"), "{problems:?}");
+        assert!(
+            problems[0].contains("output/science/escape: refused"),
+            "{problems:?}"
+        );
         let collected = checksum_all(found, 2).await;
         let map = collected
             .products
@@ -273,8 +284,16 @@ mod tests {
         assert_eq!(map.size_bytes, 3);
         assert_eq!(map.product_type, "SCIENCE");
         assert_eq!(map.quality_metrics, Some(serde_json::json!({"rms": 1.5})));
-        let q = collected.products.iter().find(|p| p.name == "q.txt").unwrap();
+        let q = collected
+            .products
+            .iter()
+            .find(|p| p.name == "q.txt")
+            .unwrap();
         assert_eq!(q.quality_metrics, None);
-        assert!(collected.problems[0].contains("metrics ignored"), "{:?}", collected.problems);
+        assert!(
+            collected.problems[0].contains("metrics ignored"),
+            "{:?}",
+            collected.problems
+        );
     }
 }
