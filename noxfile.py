@@ -73,6 +73,8 @@ def bench(session: nox.Session) -> None:
     binary = str(ROOT / "target" / "release" / "ccat-wfm")
     session.install("celery[redis]>=5.5,<6")
     session.run("python", str(ROOT / "scripts" / "bench_publish.py"), env["CCAT_TEST_REDIS_URL"], binary)
+    # Output collection: the collector's SHA-256 beside sha256sum on the same files.
+    session.run(binary, "bench", "checksum", external=True)
     # The SLURM backend on the test cluster: submission time and calls per status cycle.
     session.run(
         binary, "--log-level", "warn,sqlx=error", "bench", "slurm",

@@ -213,6 +213,21 @@ enum LineageCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Time the collector's SHA-256 against sha256sum on the same files.
+    Checksum {
+        /// Number of files.
+        #[arg(long, default_value_t = 8)]
+        files: usize,
+        /// Size of each file in MiB.
+        #[arg(long, default_value_t = 128)]
+        size_mb: usize,
+        /// Directory to write them under (a scratch directory, removed afterwards).
+        #[arg(long, default_value_os_t = std::env::temp_dir())]
+        dir: PathBuf,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time submitting runs to SLURM end to end and count the SLURM calls of a status
     /// cycle at several numbers of active jobs (the cluster of SLURM_CONF; scratch
     /// database; the benchmark's jobs are cancelled at the end).
@@ -479,6 +494,28 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             } else {
                 print!("{}", crate::bench::render_slurm(&figures));
+            }
+            Ok(0)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Checksum {
+                    files,
+                    size_mb,
+                    dir,
+                    json,
+                },
+        } => {
+            let figures = crate::bench::checksum(&crate::bench::ChecksumBench {
+                files,
+                size_mb,
+                dir,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            } else {
+                print!("{}", crate::bench::render_checksum(&figures));
             }
             Ok(0)
         }

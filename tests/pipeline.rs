@@ -4,49 +4,18 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ccat_workflow_manager::backend::local::LocalBackend;
 use ccat_workflow_manager::config::StagingMode;
 use ccat_workflow_manager::db::Database;
 use ccat_workflow_manager::results::ResultManager;
 use ccat_workflow_manager::workflow::WorkflowManager;
-use chrono::Utc;
-use common::lifecycle::{self, command_json, pipeline_sql, runs};
+use common::lifecycle::{self, MORE_STEPS, command_json, drive, pipeline_sql, runs};
 use common::{TestDatabase, exec};
 
 fn local() -> LocalBackend {
     LocalBackend::new(vec![env!("CARGO_BIN_EXE_ccat-wfm").to_owned()])
-}
-
-const MORE_STEPS: &str = r#"
-INSERT INTO reduction_step (id, pipeline_id, name, step_order, reduction_software_id,
-                            reduction_software_version_id, version_policy, group_by, cooldown_seconds, max_retries)
-VALUES (2, 1, 'baseline', 1, 1, 1, 'EXACT', '["executed_obs_unit"]', 0, 0),
-       (3, 1, 'map', 2, 1, 1, 'EXACT', '["source"]', 0, 0);
-INSERT INTO reduction_step_dependency (reduction_step_id, depends_on_step_id) VALUES (2, 1), (3, 2);
-"#;
-
-/// Trigger, workflow and result cycles until every run is COMPLETED and no new run
-/// appears (or the time is up).
-async fn drive(
-    db: &Database,
-    wm: &WorkflowManager<LocalBackend>,
-    rm: &ResultManager<LocalBackend>,
-) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let created = lifecycle::create_runs(db).await;
-        wm.cycle(Utc::now()).await.unwrap();
-        let report = rm.cycle(Utc::now()).await.unwrap();
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
-        let all = runs(db).await;
-        if created == 0 && all.iter().all(|r| r.status == "COMPLETED") || Instant::now() > deadline
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -58,7 +27,7 @@ async fn three_steps_from_packages_to_products_with_lineage_both_ways() {
         exec(db, MORE_STEPS).await.unwrap();
         let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
         let rm = ResultManager::new(db.clone(), local(), site.result_options());
-        drive(db, &wm, &rm).await;
+        drive(db, &wm, &rm, Duration::from_secs(90)).await;
 
         let all = runs(db).await;
         // CHAI scans 1 and 2 observe NGC253, scan 3 M82: 3 calibrate, 3 baseline, 2 maps.
@@ -131,6 +100,45 @@ async fn three_steps_from_packages_to_products_with_lineage_both_ways() {
                 .all(|p| p.id != map_id)
         );
         assert!(db.product_lineage(999_999).await.unwrap().is_none());
+
+        // New data after the map: package 7 of scan 3 (M82) reprocesses scan 3 and
+        // makes a new M82 map; NGC253 is untouched.
+        exec(
+            db,
+            "INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state) \
+             VALUES (7, 'p7', 3, 1, 'ARCHIVED')",
+        )
+        .await
+        .unwrap();
+        let path = site.archive().join("p7.tar");
+        std::fs::write(&path, "package 7").unwrap();
+        exec(
+            db,
+            &format!(
+                "INSERT INTO physical_copy (data_location_id, raw_data_package_id, full_path) \
+                 VALUES (2, 7, '{}')",
+                path.display()
+            ),
+        )
+        .await
+        .unwrap();
+        drive(db, &wm, &rm, Duration::from_secs(90)).await;
+        let all = runs(db).await;
+        assert_eq!(
+            all.len(),
+            11,
+            "a new calibrate, baseline and M82 map: {all:?}"
+        );
+        assert!(all.iter().all(|r| r.status == "COMPLETED"), "{all:?}");
+        let derived = db.derived_products(7).await.unwrap();
+        let new_map = derived
+            .iter()
+            .find(|p| p.step == "map")
+            .expect("a map made from package 7");
+        assert_eq!(new_map.sub_group_key, "source=M82");
+        let lineage = db.product_lineage(new_map.id).await.unwrap().unwrap();
+        let packages: Vec<i64> = lineage.raw_data_packages.iter().map(|p| p.id).collect();
+        assert_eq!(packages, [4, 7]);
     }
 }
 

@@ -17,7 +17,7 @@ use ccat_workflow_manager::db::Database;
 use ccat_workflow_manager::results::ResultManager;
 use ccat_workflow_manager::workflow::WorkflowManager;
 use chrono::Utc;
-use common::lifecycle::{self, Site, command_json, pipeline_sql, runs, settle};
+use common::lifecycle::{self, MORE_STEPS, Site, command_json, drive, pipeline_sql, runs, settle};
 use common::{TestDatabase, exec};
 
 const COMMANDS: [&str; 5] = ["sbatch", "squeue", "scontrol", "sacct", "scancel"];
@@ -391,4 +391,44 @@ async fn a_manager_killed_after_sbatch_adopts_the_job_on_restart() {
         .arg(&jobs[0])
         .status()
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_three_step_pipeline_runs_on_slurm_with_products_and_lineage() {
+    let (t, site) = setup("slurm_e2e", &["ok"], 1.0, 0).await;
+    let db = &t.db;
+    exec(db, MORE_STEPS).await.unwrap();
+    let wm = WorkflowManager::new(db.clone(), backend(&site), site.options(StagingMode::Local));
+    let rm = ResultManager::new(db.clone(), backend(&site), site.result_options());
+    drive(db, &wm, &rm, Duration::from_secs(180)).await;
+    let all = runs(db).await;
+    assert_eq!(all.len(), 8, "{all:?}");
+    assert!(all.iter().all(|r| r.status == "COMPLETED"), "{all:?}");
+    let products = lifecycle::products(db).await;
+    for p in &products {
+        let content = std::fs::read(&p.full_path).unwrap();
+        assert_eq!(p.checksum, lifecycle::sha256_hex(&content));
+    }
+    let maps: Vec<&lifecycle::ProductRow> = products
+        .iter()
+        .filter(|p| p.product_type == "SCIENCE")
+        .collect();
+    assert_eq!(maps.len(), 2);
+    let mut packages = Vec::new();
+    for map in maps {
+        let id: i64 = match db {
+            Database::Postgres(p) => {
+                sqlx::query_scalar("SELECT data_product_id FROM physical_copy WHERE full_path = $1")
+                    .bind(&map.full_path)
+                    .fetch_one(p)
+                    .await
+                    .unwrap()
+            }
+            Database::Sqlite(_) => unreachable!("the SLURM tests run on PostgreSQL"),
+        };
+        let lineage = db.product_lineage(id).await.unwrap().unwrap();
+        packages.extend(lineage.raw_data_packages.iter().map(|p| p.id));
+    }
+    packages.sort();
+    assert_eq!(packages, [1, 2, 3, 4], "every CHAI package reaches a map");
 }

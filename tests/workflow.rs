@@ -482,3 +482,153 @@ async fn strings_from_the_database_reach_the_job_verbatim() {
         assert!(!std::path::Path::new("/tmp/ccat-pwned").exists());
     }
 }
+
+#[tokio::test]
+async fn an_escaping_link_and_corrupt_metrics_lose_only_themselves() {
+    for t in TestDatabase::both_migrated("wf_hostile").await {
+        let db = &t.db;
+        let site = site(db, &["hostile"], 1.0, 0).await;
+        lifecycle::create_runs(db).await;
+        let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
+        wm.cycle(Utc::now()).await.unwrap();
+        let results = ResultManager::new(db.clone(), local(), site.result_options());
+        let states = settle(db, &results, &["COMPLETED"], Duration::from_secs(30)).await;
+        assert!(
+            states.iter().all(|(_, s)| s == "COMPLETED"),
+            "{states:?} {}",
+            t.url
+        );
+        let products = lifecycle::products(db).await;
+        // Per run: the map (with its metrics) and the summary (without: they were corrupt).
+        assert_eq!(products.len(), 6, "{products:?}");
+        assert!(products.iter().all(|p| !p.relative_path.contains("escape")));
+        assert!(
+            products
+                .iter()
+                .filter(|p| p.name == "summary.txt")
+                .all(|p| p.quality_metrics.is_none())
+        );
+        assert!(
+            products
+                .iter()
+                .filter(|p| p.name == "map.fits")
+                .all(|p| p.quality_metrics.is_some())
+        );
+        for run in runs(db).await {
+            let note = run.error_message.unwrap_or_default();
+            assert!(
+                note.contains("output/science/escape.fits: refused: a symbolic link")
+                    && note.contains("summary.txt.metrics.json: metrics ignored"),
+                "{note}"
+            );
+        }
+    }
+}
+
+/// `ccat-wfm result-manager --once` on `db_url`, with the site's directories.
+fn result_manager_process(site: &Site, db_url: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ccat-wfm"));
+    cmd.args(["result-manager", "--once", "--database-url", db_url])
+        .current_dir(site.dir.path())
+        .env_remove("RUST_LOG");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CCAT_WORKFLOW_MANAGER_") || key.starts_with("CCAT_OPS_DB_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env(
+        "CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR",
+        site.base().display().to_string(),
+    );
+    cmd
+}
+
+/// Whether process `pid` has `path` open.
+fn has_open(pid: u32, path: &std::path::Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_result_manager_killed_mid_collection_registers_everything_once_on_restart() {
+    for t in TestDatabase::both_migrated("wf_collect_crash").await {
+        let db = &t.db;
+        let site = site(db, &["big", "256"], 1.0, 0).await;
+        // One run: scan 3.
+        exec(
+            db,
+            r#"UPDATE data_grouping SET filter_rules = '[{"table": "RawDataPackage", "column": "id", "operator": "eq", "value": 4}]'"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(lifecycle::create_runs(db).await, 1);
+        let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
+        assert_eq!(wm.cycle(Utc::now()).await.unwrap().submitted, 1);
+        let root = site.base().join("calib/executed_obs_unit=3");
+        let exit = root.join("logs/calibrate/attempt-1/exit.json");
+        for _ in 0..300 {
+            if exit.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(exit.exists(), "the job did not finish");
+
+        // Killed while it reads the 256 MiB product.
+        let cube = root.join("output/science/cube.fits");
+        let mut child = result_manager_process(&site, &t.url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut caught = false;
+        for _ in 0..2000 {
+            if has_open(child.id(), &cube) {
+                child.kill().unwrap();
+                caught = true;
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.wait().unwrap();
+        assert!(
+            caught,
+            "the collector was not seen reading the product {}",
+            t.url
+        );
+        assert_eq!(runs(db).await[0].status, "COLLECTING_RESULTS");
+        assert!(
+            lifecycle::products(db).await.is_empty(),
+            "nothing half-registered"
+        );
+
+        let out = result_manager_process(&site, &t.url).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(runs(db).await[0].status, "COMPLETED");
+        let products = lifecycle::products(db).await;
+        let mut paths: Vec<&str> = products.iter().map(|p| p.relative_path.as_str()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "output/qa/summary.txt",
+                "output/science/cube.fits",
+                "output/science/map.fits"
+            ]
+        );
+        let cube_row = products.iter().find(|p| p.name == "cube.fits").unwrap();
+        assert_eq!(cube_row.size_bytes, 256 << 20);
+        // A second restart finds nothing more to do.
+        let out = result_manager_process(&site, &t.url).output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["completed"], 0);
+        assert_eq!(lifecycle::products(db).await.len(), 3);
+    }
+}

@@ -210,3 +210,37 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// Steps 2 (`baseline`, per scan, after `calibrate`) and 3 (`map`, per source, after
+/// `baseline`) for pipeline 1 of [`pipeline_sql`].
+pub const MORE_STEPS: &str = r#"
+INSERT INTO reduction_step (id, pipeline_id, name, step_order, reduction_software_id,
+                            reduction_software_version_id, version_policy, group_by, cooldown_seconds, max_retries)
+VALUES (2, 1, 'baseline', 1, 1, 1, 'EXACT', '["executed_obs_unit"]', 0, 0),
+       (3, 1, 'map', 2, 1, 1, 'EXACT', '["source"]', 0, 0);
+INSERT INTO reduction_step_dependency (reduction_step_id, depends_on_step_id) VALUES (2, 1), (3, 2);
+"#;
+
+/// Trigger, workflow and result cycles until every run is COMPLETED and no new run
+/// appears (or `timeout` passes).
+pub async fn drive<B: Backend>(
+    db: &Database,
+    wm: &ccat_workflow_manager::workflow::WorkflowManager<B>,
+    rm: &ResultManager<B>,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let created = create_runs(db).await;
+        let report = wm.cycle(Utc::now()).await.unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let report = rm.cycle(Utc::now()).await.unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let all = runs(db).await;
+        if created == 0 && all.iter().all(|r| r.status == "COMPLETED") || Instant::now() > deadline
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -6,6 +6,8 @@
 #   fail          print a reason and exit 3
 #   sleep N       sleep N seconds first (time limits, cancellation)
 #   echo-args ... write the remaining arguments, one per line, to args.txt (quoting tests)
+#   hostile      also leave a link out of the run directory and a corrupt metrics file
+#   big N        also write an N MiB science product (collection of large files)
 set -eu
 mode=${1:-ok}
 [ "$#" -gt 0 ] && shift
@@ -28,3 +30,9 @@ else
   mkdir -p "$WORKFLOW_OUTPUT_DIR"
   echo "intermediate of run $WORKFLOW_RUN_ID" > "$WORKFLOW_OUTPUT_DIR/result.dat"
 fi
+case $mode in
+  hostile)
+    ln -s /etc/passwd "$WORKFLOW_OUTPUT_DIR/science/escape.fits"
+    echo '{"rms_mk": ' > "$WORKFLOW_OUTPUT_DIR/qa/summary.txt.metrics.json" ;;
+  big) dd if=/dev/zero of="$WORKFLOW_OUTPUT_DIR/science/cube.fits" bs=1M count="${1:-256}" 2>/dev/null ;;
+esac
