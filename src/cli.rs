@@ -11,8 +11,9 @@ use serde_json::Value;
 
 use crate::config::Settings;
 use crate::db::Database;
-use crate::health::{self, Health, HealthKeys, ManagerHeartbeat};
+use crate::health::{self, Health, HealthKeys};
 use crate::logging::{self, LogFormat};
+use crate::managers::{self, ManagerKind, describe};
 use crate::trigger::{self, TriggerOptions};
 use chrono::Utc;
 
@@ -523,13 +524,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         Command::JobWrapper { .. } => unreachable!("handled before the runtime starts"),
         Command::WorkflowManager { once, db } => {
             let db = open_database(&settings, &db).await?;
-            let code = workflow_manager(&settings, &db, once).await;
+            let code = manager(ManagerKind::Workflow, &settings, &db, once).await;
             db.close().await;
             code
         }
         Command::ResultManager { once, db } => {
             let db = open_database(&settings, &db).await?;
-            let code = result_manager(&settings, &db, once).await;
+            let code = manager(ManagerKind::Result, &settings, &db, once).await;
             db.close().await;
             code
         }
@@ -547,7 +548,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         }
         Command::TriggerManager { once, db } => {
             let db = open_database(&settings, &db).await?;
-            let code = trigger_manager(&settings, &db, once).await;
+            let code = manager(ManagerKind::Trigger, &settings, &db, once).await;
             db.close().await;
             code
         }
@@ -711,169 +712,67 @@ async fn gaps(
     })
 }
 
-/// What one manager cycle reports to the loop: items handled and the first problem.
-struct CycleOutcome {
-    items: u64,
-    error: Option<String>,
-}
-
-/// The poll–work–sleep loop every manager runs: a heartbeat in Redis for as long as it
-/// runs, a cycle every `interval`, and a clean stop on SIGTERM/SIGINT after the cycle.
-async fn manager_loop<F, Fut>(
-    settings: &Settings,
-    service: &str,
-    interval: std::time::Duration,
-    mut cycle: F,
-) -> anyhow::Result<u8>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<CycleOutcome>>,
-{
-    let mut shutdown = Shutdown::new()?;
-    let heartbeat = ManagerHeartbeat::start(&settings.redis, service, interval);
-    tracing::info!(
-        service,
-        interval_s = interval.as_secs_f64(),
-        "manager started"
-    );
-    loop {
-        heartbeat.reporter.cycle_started();
-        match cycle().await {
-            Ok(outcome) => heartbeat
-                .reporter
-                .cycle_finished(outcome.items, outcome.error),
-            // The database may come back: log and try again next cycle.
-            Err(e) => {
-                tracing::error!(service, error = %describe(&e), "cycle failed");
-                heartbeat.reporter.cycle_finished(0, Some(e.to_string()));
-            }
-        }
-        if shutdown.sleep(interval).await {
-            tracing::info!(service, "manager stopping");
-            heartbeat.stop().await;
-            return Ok(0);
-        }
-    }
-}
-
 /// Prints a one-shot cycle's report; exit 1 when it had errors.
 fn print_once<T: serde::Serialize>(report: &T, errors: usize) -> anyhow::Result<u8> {
     println!("{}", serde_json::to_string_pretty(report)?);
     Ok(if errors == 0 { 0 } else { EXIT_PROBLEM })
 }
 
-async fn trigger_manager(settings: &Settings, db: &Database, once: bool) -> anyhow::Result<u8> {
-    let options = TriggerOptions::from_settings(settings, false);
+/// Runs a manager: one cycle with `--once`, else its loop until SIGTERM or SIGINT.
+async fn manager(
+    kind: ManagerKind,
+    settings: &Settings,
+    db: &Database,
+    once: bool,
+) -> anyhow::Result<u8> {
     if once {
-        let report = trigger::run_cycle(db, &options, Utc::now()).await?;
-        return print_once(&report, report.errors.len());
-    }
-    // Kept between cycles: each cycle then costs what changed, not the archive's size.
-    let evaluator = std::sync::Arc::new(tokio::sync::Mutex::new(trigger::Evaluator::default()));
-    manager_loop(
-        settings,
-        "trigger-manager",
-        settings.poll_intervals.trigger(),
-        || {
-            let (evaluator, options) = (evaluator.clone(), &options);
-            async move {
-                let started = std::time::Instant::now();
-                let report = evaluator
-                    .lock()
-                    .await
-                    .cycle(db, options, Utc::now())
-                    .await?;
-                tracing::info!(
-                    pipelines = report.pipelines.len(),
-                    runs_created = report.created(),
-                    errors = report.errors.len(),
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    "trigger cycle done"
-                );
-                Ok(CycleOutcome {
-                    items: report.created() as u64,
-                    error: report.errors.first().cloned(),
-                })
+        return match kind {
+            ManagerKind::Trigger => {
+                let options = TriggerOptions::from_settings(settings, false);
+                let report = trigger::run_cycle(db, &options, Utc::now()).await?;
+                print_once(&report, report.errors.len())
             }
-        },
-    )
-    .await
+            ManagerKind::Workflow => {
+                let manager = crate::workflow::WorkflowManager::new(
+                    db.clone(),
+                    crate::backend::from_settings(settings, None)?,
+                    crate::workflow::WorkflowOptions::from_settings(settings),
+                );
+                let report = manager.cycle(Utc::now()).await?;
+                print_once(&report, report.errors.len())
+            }
+            ManagerKind::Result => {
+                let manager = crate::results::ResultManager::new(
+                    db.clone(),
+                    crate::backend::from_settings(settings, None)?,
+                    crate::results::ResultOptions::from_settings(settings),
+                );
+                let report = manager.cycle(Utc::now()).await?;
+                print_once(&report, report.errors.len())
+            }
+        };
+    }
+    let stop = stop_on_signals()?;
+    managers::run(kind, settings, db, None, stop).await?;
+    Ok(0)
 }
 
-async fn workflow_manager(settings: &Settings, db: &Database, once: bool) -> anyhow::Result<u8> {
-    let backend = crate::backend::from_settings(settings, None)?;
-    let manager = crate::workflow::WorkflowManager::new(
-        db.clone(),
-        backend,
-        crate::workflow::WorkflowOptions::from_settings(settings),
-    );
-    if once {
-        let report = manager.cycle(Utc::now()).await?;
-        return print_once(&report, report.errors.len());
-    }
-    let manager = &manager;
-    manager_loop(
-        settings,
-        "workflow-manager",
-        settings.poll_intervals.workflow(),
-        || async move {
-            let started = std::time::Instant::now();
-            let report = manager.cycle(Utc::now()).await?;
-            tracing::info!(
-                claimed = report.claimed,
-                submitted = report.submitted,
-                adopted = report.adopted,
-                staging_requested = report.staging_requested,
-                waiting_for_staging = report.waiting_for_staging,
-                failed = report.failed,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "workflow cycle done"
-            );
-            Ok(CycleOutcome {
-                items: report.handled(),
-                error: report.errors.first().cloned(),
-            })
-        },
-    )
-    .await
-}
-
-async fn result_manager(settings: &Settings, db: &Database, once: bool) -> anyhow::Result<u8> {
-    let backend = crate::backend::from_settings(settings, None)?;
-    let manager = crate::results::ResultManager::new(
-        db.clone(),
-        backend,
-        crate::results::ResultOptions::from_settings(settings),
-    );
-    if once {
-        let report = manager.cycle(Utc::now()).await?;
-        return print_once(&report, report.errors.len());
-    }
-    let manager = &manager;
-    manager_loop(
-        settings,
-        "result-manager",
-        settings.poll_intervals.result(),
-        || async move {
-            let started = std::time::Instant::now();
-            let report = manager.cycle(Utc::now()).await?;
-            tracing::info!(
-                polled = report.polled,
-                started = report.started,
-                succeeded = report.succeeded,
-                failed = report.failed,
-                retried = report.retried,
-                cancelled = report.cancelled,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "result cycle done"
-            );
-            Ok(CycleOutcome {
-                items: report.handled(),
-                error: report.errors.first().cloned(),
-            })
-        },
-    )
-    .await
+/// A stop request set by SIGINT or SIGTERM. The handlers are installed before the loop
+/// starts, so a signal during a cycle is not lost: the cycle finishes, then the loop ends.
+fn stop_on_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
 }
 
 async fn health(settings: &Settings, service: Option<String>, json: bool) -> anyhow::Result<u8> {
@@ -1056,46 +955,6 @@ async fn lineage(settings: &Settings, command: LineageCommand) -> anyhow::Result
 
 fn join_ids(ids: &[i64]) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
-}
-
-/// SIGINT / SIGTERM, registered once so that a signal during a cycle is not lost: the
-/// cycle finishes, then the loop ends.
-struct Shutdown {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl Shutdown {
-    fn new() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Shutdown {
-            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-        })
-    }
-
-    /// Sleeps for `duration`; true when a shutdown signal came first.
-    async fn sleep(&mut self, duration: std::time::Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(duration) => false,
-            _ = self.interrupt.recv() => true,
-            _ = self.terminate.recv() => true,
-        }
-    }
-}
-
-/// An error with its causes, each said once: library errors already include their
-/// source in their message, and repeating it would only add noise.
-fn describe(err: &anyhow::Error) -> String {
-    let mut out = err.to_string();
-    for cause in err.chain().skip(1) {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 /// Renders rows as columns separated by two spaces, under a header.

@@ -12,6 +12,7 @@ pub mod db;
 pub mod filter;
 pub mod health;
 pub mod logging;
+pub mod managers;
 pub mod results;
 pub mod trigger;
 pub mod workflow;

@@ -50,3 +50,6 @@ def process_pending_runs(settings: Settings) -> dict[str, Any]:
 
 def process_running_steps(settings: Settings) -> dict[str, Any]:
     """Runs one result-manager cycle; returns its report."""
+
+def run_manager(name: str, settings: Settings) -> None:
+    """Runs a manager's loop until a signal's Python handler raises (Ctrl-C)."""

@@ -114,3 +114,54 @@ def test_workflow_and_result_managers_run_jobs_to_their_end(database, tmp_path, 
         time.sleep(0.2)
     assert states == ["COMPLETED"] * 2
     assert (tmp_path / "pipelines/p/night=2026-01-10/output/science/map.fits").read_text() == "map\n"
+
+
+LOOP_SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+from ccat_workflow_manager.config import make_settings
+from ccat_workflow_manager.managers import run_manager
+try:
+    run_manager("trigger-manager", make_settings())
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_a_manager_loop_runs_from_python_logs_through_logging_and_stops_on_ctrl_c(
+    database, tmp_path, monkeypatch
+):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_TRIGGER_MANAGER_POLL_INTERVAL", "0.2")
+    # No heartbeat to a shared Redis: nothing listens on port 1 (the loop logs and goes on).
+    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_REDIS_PORT", "1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOOP_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        seen = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            seen.append(line)
+            if "trigger cycle done" in line:
+                break
+        assert any("trigger cycle done" in line and "runs_created=2" in line for line in seen), seen
+        assert any(line.startswith("ccat_workflow_manager.managers INFO manager started") for line in seen), seen
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert out == "interrupted\n", (out, err)
+    assert "manager stopping" in err, err
+    assert proc.returncode == 0
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM executed_reduction_step").fetchone() == (2,)

@@ -4,6 +4,8 @@
 //! exception classes; the behaviour lives in the rest of the crate. Blocking work runs
 //! with the GIL released.
 
+mod logging;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -183,6 +185,8 @@ fn process_triggers<'py>(
     settings: &PySettings,
     dry_run: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
+    // Inside Python, Rust's log events go to Python's logging.
+    logging::install();
     let settings = settings.inner.clone();
     let report = py.detach(|| {
         runtime().block_on(async move {
@@ -234,6 +238,8 @@ fn process_pending_runs<'py>(
     py: Python<'py>,
     settings: &PySettings,
 ) -> PyResult<Bound<'py, PyAny>> {
+    // Inside Python, Rust's log events go to Python's logging.
+    logging::install();
     let settings = settings.inner.clone();
     let backend = backend_for(py, &settings)?;
     let report = py.detach(|| {
@@ -261,6 +267,8 @@ fn process_running_steps<'py>(
     py: Python<'py>,
     settings: &PySettings,
 ) -> PyResult<Bound<'py, PyAny>> {
+    // Inside Python, Rust's log events go to Python's logging.
+    logging::install();
     let settings = settings.inner.clone();
     let backend = backend_for(py, &settings)?;
     let report = py.detach(|| {
@@ -279,9 +287,58 @@ fn process_running_steps<'py>(
     report_to_python(py, report)
 }
 
+/// Runs a manager's loop (`trigger-manager`, `workflow-manager` or `result-manager`)
+/// until Ctrl-C (or another signal Python turns into an exception): the GIL is released
+/// while it runs, the interpreter's signal handlers are run every 100 ms, and on a
+/// signal the current cycle finishes before the exception is raised here.
+#[pyfunction]
+fn run_manager(py: Python<'_>, name: &str, settings: &PySettings) -> PyResult<()> {
+    // Inside Python, Rust's log events go to Python's logging.
+    logging::install();
+    let Some(kind) = crate::managers::ManagerKind::from_name(name) else {
+        return Err(ConfigurationError::new_err(format!(
+            "no manager named {name:?}: trigger-manager, workflow-manager or result-manager"
+        )));
+    };
+    let settings = settings.inner.clone();
+    let launcher = python_launcher(py)?;
+    py.detach(|| {
+        runtime().block_on(async move {
+            let db = crate::db::Database::connect(&settings.database)
+                .await
+                .map_err(database_error)?;
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let manager = crate::managers::run(kind, &settings, &db, Some(launcher), stopped);
+            tokio::pin!(manager);
+            let mut ticks = tokio::time::interval(std::time::Duration::from_millis(100));
+            let mut interrupted: Option<PyErr> = None;
+            // Both futures are polled on this (the calling) thread: Python runs signal
+            // handlers only in the main thread.
+            let result = loop {
+                tokio::select! {
+                    result = &mut manager => break result,
+                    _ = ticks.tick(), if interrupted.is_none() => {
+                        if let Err(e) = Python::attach(|py| py.check_signals()) {
+                            interrupted = Some(e);
+                            let _ = stop.send(true);
+                        }
+                    }
+                }
+            };
+            db.close().await;
+            if let Some(e) = interrupted {
+                return Err(e);
+            }
+            result.map_err(|e| WorkflowManagerError::new_err(crate::managers::describe(&e)))
+        })
+    })
+}
+
 /// Applies the product's migrations to the configured database; returns the versions applied.
 #[pyfunction]
 fn migrate(py: Python<'_>, settings: &PySettings) -> PyResult<Vec<i64>> {
+    // Inside Python, Rust's log events go to Python's logging.
+    logging::install();
     let target = settings.inner.database.clone();
     py.detach(|| {
         runtime().block_on(async move {
@@ -317,6 +374,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(process_triggers, m)?)?;
     m.add_function(wrap_pyfunction!(process_pending_runs, m)?)?;
     m.add_function(wrap_pyfunction!(process_running_steps, m)?)?;
+    m.add_function(wrap_pyfunction!(run_manager, m)?)?;
     m.add_function(wrap_pyfunction!(migrate, m)?)?;
     Ok(())
 }

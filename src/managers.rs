@@ -1,0 +1,210 @@
+//! The three manager loops (SPEC §8), shared by `ccat-wfm` and Python: a cycle every
+//! poll interval, a Redis heartbeat for as long as the loop runs, and a clean stop — the
+//! current cycle finishes — when the stop signal is set (SIGTERM/SIGINT in the CLI,
+//! Ctrl-C seen by the interpreter in Python).
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::db::Database;
+use crate::health::ManagerHeartbeat;
+use crate::trigger::{self, TriggerOptions};
+
+/// Which manager a loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManagerKind {
+    Trigger,
+    Workflow,
+    Result,
+}
+
+impl ManagerKind {
+    /// The service name (`health:workflow:<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ManagerKind::Trigger => "trigger-manager",
+            ManagerKind::Workflow => "workflow-manager",
+            ManagerKind::Result => "result-manager",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            ManagerKind::Trigger,
+            ManagerKind::Workflow,
+            ManagerKind::Result,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
+    }
+
+    fn interval(self, settings: &Settings) -> Duration {
+        match self {
+            ManagerKind::Trigger => settings.poll_intervals.trigger(),
+            ManagerKind::Workflow => settings.poll_intervals.workflow(),
+            ManagerKind::Result => settings.poll_intervals.result(),
+        }
+    }
+}
+
+/// What one cycle reports to the loop: items handled and the first problem.
+struct CycleOutcome {
+    items: u64,
+    error: Option<String>,
+}
+
+/// Runs the loop of `kind` until `stop` becomes true. `launcher` starts the local
+/// backend's job wrapper (None: this executable).
+pub async fn run(
+    kind: ManagerKind,
+    settings: &Settings,
+    db: &Database,
+    launcher: Option<Vec<String>>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let service = kind.name();
+    let interval = kind.interval(settings);
+    match kind {
+        ManagerKind::Trigger => {
+            let options = TriggerOptions::from_settings(settings, false);
+            // Kept between cycles: each cycle then costs what changed, not the archive.
+            let evaluator = tokio::sync::Mutex::new(trigger::Evaluator::default());
+            run_loop(settings, service, interval, stop, || async {
+                let started = Instant::now();
+                let report = evaluator
+                    .lock()
+                    .await
+                    .cycle(db, &options, Utc::now())
+                    .await?;
+                tracing::info!(
+                    pipelines = report.pipelines.len(),
+                    runs_created = report.created(),
+                    errors = report.errors.len(),
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "trigger cycle done"
+                );
+                Ok(CycleOutcome {
+                    items: report.created() as u64,
+                    error: report.errors.first().cloned(),
+                })
+            })
+            .await
+        }
+        ManagerKind::Workflow => {
+            let manager = crate::workflow::WorkflowManager::new(
+                db.clone(),
+                crate::backend::from_settings(settings, launcher)?,
+                crate::workflow::WorkflowOptions::from_settings(settings),
+            );
+            run_loop(settings, service, interval, stop, || async {
+                let started = Instant::now();
+                let report = manager.cycle(Utc::now()).await?;
+                tracing::info!(
+                    claimed = report.claimed,
+                    submitted = report.submitted,
+                    adopted = report.adopted,
+                    staging_requested = report.staging_requested,
+                    waiting_for_staging = report.waiting_for_staging,
+                    failed = report.failed,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "workflow cycle done"
+                );
+                Ok(CycleOutcome {
+                    items: report.handled(),
+                    error: report.errors.first().cloned(),
+                })
+            })
+            .await
+        }
+        ManagerKind::Result => {
+            let manager = crate::results::ResultManager::new(
+                db.clone(),
+                crate::backend::from_settings(settings, launcher)?,
+                crate::results::ResultOptions::from_settings(settings),
+            );
+            run_loop(settings, service, interval, stop, || async {
+                let started = Instant::now();
+                let report = manager.cycle(Utc::now()).await?;
+                tracing::info!(
+                    polled = report.polled,
+                    started = report.started,
+                    succeeded = report.succeeded,
+                    failed = report.failed,
+                    retried = report.retried,
+                    cancelled = report.cancelled,
+                    completed = report.completed,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "result cycle done"
+                );
+                Ok(CycleOutcome {
+                    items: report.handled(),
+                    error: report.errors.first().cloned(),
+                })
+            })
+            .await
+        }
+    }
+}
+
+/// The poll–work–sleep loop with its heartbeat.
+async fn run_loop<F, Fut>(
+    settings: &Settings,
+    service: &str,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+    mut cycle: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<CycleOutcome>>,
+{
+    let heartbeat = ManagerHeartbeat::start(&settings.redis, service, interval);
+    tracing::info!(
+        service,
+        interval_s = interval.as_secs_f64(),
+        "manager started"
+    );
+    loop {
+        heartbeat.reporter.cycle_started();
+        match cycle().await {
+            Ok(outcome) => heartbeat
+                .reporter
+                .cycle_finished(outcome.items, outcome.error),
+            // The database may come back: log and try again next cycle.
+            Err(e) => {
+                tracing::error!(service, error = %describe(&e), "cycle failed");
+                heartbeat.reporter.cycle_finished(0, Some(e.to_string()));
+            }
+        }
+        // A stop requested during the cycle ends the loop now; otherwise sleep until the
+        // next cycle or a stop request, whichever comes first.
+        let stopping = *stop.borrow() || {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => false,
+                changed = stop.changed() => changed.is_err() || *stop.borrow(),
+            }
+        };
+        if stopping {
+            tracing::info!(service, "manager stopping");
+            heartbeat.stop().await;
+            return Ok(());
+        }
+    }
+}
+
+/// An error with its causes, each said once: library errors already include their
+/// source in their message, and repeating it would only add noise.
+pub fn describe(err: &anyhow::Error) -> String {
+    let mut out = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
