@@ -39,6 +39,13 @@ fn every_command_has_help_and_version_works() {
         vec!["gaps", "--help"],
         vec!["trigger", "--help"],
         vec!["trigger-manager", "--help"],
+        vec!["workflow-manager", "--help"],
+        vec!["result-manager", "--help"],
+        vec!["cancel", "--help"],
+        vec!["lineage", "product", "--help"],
+        vec!["lineage", "package", "--help"],
+        vec!["bench", "slurm", "--help"],
+        vec!["bench", "checksum", "--help"],
     ] {
         let out = wfm(&args, &[]);
         assert!(out.status.success(), "{args:?}");

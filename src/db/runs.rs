@@ -314,6 +314,15 @@ impl Database {
         .map_err(DbError::query("holding runs in staging"))
     }
 
+    /// One run with everything needed to plan its job, whatever its status.
+    pub async fn run_work(&self, run_id: i64) -> Result<Option<RunWork>, DbError> {
+        let select = sqlx::AssertSqlSafe(format!("{RUN_WORK} WHERE r.id = $1"));
+        on_pool!(self, pool => {
+            sqlx::query_as(select).bind(run_id).fetch_optional(pool).await
+        })
+        .map_err(DbError::query("reading a run"))
+    }
+
     /// The raw inputs of a run with, for each, its copy at `location` when there is
     /// one, else any present copy (lowest location id first).
     pub async fn run_raw_input_copies(

@@ -4,6 +4,7 @@
 //! exception classes; the behaviour lives in the rest of the crate. Blocking work runs
 //! with the GIL released.
 
+mod aio;
 mod logging;
 
 use std::collections::BTreeMap;
@@ -287,6 +288,47 @@ fn process_running_steps<'py>(
     report_to_python(py, report)
 }
 
+/// A run's job as the workflow-manager would submit it now: `argv`, `env`, `workdir`,
+/// `manifest`, `attempt_dir`, `tag` and resources. Reads the database, writes nothing.
+#[pyfunction]
+fn build_job<'py>(
+    py: Python<'py>,
+    settings: &PySettings,
+    run_id: i64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let settings = settings.inner.clone();
+    let plan = py.detach(|| {
+        runtime().block_on(async move {
+            let db = crate::db::Database::connect(&settings.database).await?;
+            let options = crate::workflow::WorkflowOptions::from_settings(&settings);
+            let plan = crate::workflow::preview_job(&db, &options, run_id).await;
+            db.close().await;
+            plan
+        })
+    });
+    let plan = match plan.map_err(database_error)? {
+        None => {
+            return Err(pyo3::exceptions::PyLookupError::new_err(format!(
+                "no run with id {run_id}"
+            )));
+        }
+        Some(Err(reason)) => return Err(WorkflowManagerError::new_err(reason)),
+        Some(Ok(plan)) => plan,
+    };
+    let value = serde_json::json!({
+        "argv": plan.spec.command.argv(),
+        "env": plan.spec.command.env.iter().cloned().collect::<BTreeMap<_, _>>(),
+        "workdir": plan.spec.command.workdir,
+        "manifest": plan.manifest,
+        "attempt_dir": plan.spec.attempt_dir,
+        "tag": plan.spec.tag,
+        "cpus": plan.spec.cpus,
+        "memory_mb": plan.spec.memory_mb,
+        "time_limit_seconds": plan.spec.time_limit_seconds,
+    });
+    to_python(py, &value)
+}
+
 /// Runs a manager's loop (`trigger-manager`, `workflow-manager` or `result-manager`)
 /// until Ctrl-C (or another signal Python turns into an exception): the GIL is released
 /// while it runs, the interpreter's signal handlers are run every 100 ms, and on a
@@ -375,6 +417,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(process_pending_runs, m)?)?;
     m.add_function(wrap_pyfunction!(process_running_steps, m)?)?;
     m.add_function(wrap_pyfunction!(run_manager, m)?)?;
+    m.add_function(wrap_pyfunction!(build_job, m)?)?;
+    aio::register(m)?;
     m.add_function(wrap_pyfunction!(migrate, m)?)?;
     Ok(())
 }

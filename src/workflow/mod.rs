@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::backend::{Backend, JobSpec};
 use crate::config::{Settings, StagingMode};
-use crate::db::runs::{ClaimLimits, RawInput, RunMetrics, RunWork};
+use crate::db::runs::{ClaimLimits, ProductInput, RawInput, RunMetrics, RunWork};
 use crate::db::{Database, DbError};
 use command::{BoundInput, CommandRequest, ContainerRuntime};
 use layout::{Manifest, ManifestInput, ManifestProduct, RunLayout};
@@ -277,116 +277,11 @@ impl<B: Backend> WorkflowManager<B> {
             return Ok(waiting);
         }
         let products = self.db.run_product_input_copies(run.id, location).await?;
-        let mut inputs = Vec::with_capacity(raw.len() + products.len());
-        let mut manifest_inputs = Vec::with_capacity(raw.len());
-        let visible = command::visible_dirs(self.options.runtime, &layout, run.is_final);
-        for package in &raw {
-            let path = package
-                .full_path
-                .as_deref()
-                .expect("staged inputs have a path");
-            let name = format!("{}_{}", package.raw_data_package_id, file_name(path));
-            manifest_inputs.push(ManifestInput {
-                raw_data_package_id: package.raw_data_package_id,
-                name: package.name.clone(),
-                path: format!("{}/{}", visible.input, name),
-                size_bytes: package.size_bytes,
-                checksum: package.checksum.clone(),
-            });
-            inputs.push(BoundInput {
-                host_path: path.into(),
-                name,
-            });
-        }
-        let mut manifest_products = Vec::with_capacity(products.len());
-        for product in &products {
-            let Some(path) = product.full_path.as_deref() else {
-                return Err(RunError::Fail(format!(
-                    "upstream product {} ({}) has no copy at processing location {location}",
-                    product.data_product_id, product.relative_path
-                )));
-            };
-            let name = format!("products/{}_{}", product.data_product_id, file_name(path));
-            manifest_products.push(ManifestProduct {
-                data_product_id: product.data_product_id,
-                run_id: product.run_id,
-                name: product.name.clone(),
-                product_type: product.product_type.clone(),
-                path: format!("{}/{}", visible.input, name),
-                size_bytes: product.size_bytes,
-                checksum: product.checksum.clone(),
-            });
-            inputs.push(BoundInput {
-                host_path: path.into(),
-                name,
-            });
-        }
-        let manifest = Manifest {
-            manifest_version: layout::MANIFEST_VERSION,
-            run_id: run.id,
-            attempt: run.attempt(),
-            created_at: now,
-            pipeline: layout::Named {
-                id: run.pipeline_id,
-                name: run.pipeline_name.clone(),
-            },
-            step: layout::ManifestStep {
-                id: run.reduction_step_id,
-                name: run.step_name.clone(),
-                is_final: run.is_final,
-            },
-            sub_group: layout::ManifestSubGroup {
-                key: run.sub_group_key.clone(),
-                values: run.sub_group.0.clone(),
-            },
-            software: layout::ManifestSoftware {
-                name: run.software_name.clone(),
-                version: run.software_version.clone(),
-                image_ref: run.image_ref.clone(),
-                image_digest: run.image_digest.clone(),
-                command: run.command.0.clone(),
-            },
-            configuration: run.config_snapshot.0.clone(),
-            inputs: manifest_inputs,
-            upstream_products: manifest_products,
-            excluded_upstream: run.excluded_upstream.0.clone(),
-            directories: visible,
-        };
-        prepare(&layout, run.is_final, &inputs, &manifest)
+        let plan =
+            plan_job(&self.options, &tag, run, &raw, &products, now).map_err(RunError::Fail)?;
+        prepare(&plan.layout, run.is_final, &plan.inputs, &plan.manifest)
             .map_err(|e| RunError::Fail(format!("preparing the run directory: {e}")))?;
-        let image = match self.options.runtime {
-            ContainerRuntime::Apptainer => command::image_for(
-                &self.options.sif_cache_dir,
-                &run.image_ref,
-                run.image_digest.as_deref(),
-            ),
-            ContainerRuntime::None => String::new(),
-        };
-        let job_command = command::build(&CommandRequest {
-            runtime: self.options.runtime,
-            apptainer: &self.options.apptainer,
-            image: &image,
-            command: &run.command.0,
-            layout: &layout,
-            final_step: run.is_final,
-            inputs: &inputs,
-            run_id: run.id,
-            step_name: &run.step_name,
-        })
-        .map_err(|e| {
-            RunError::Fail(format!(
-                "{} {}: {e}",
-                run.software_name, run.software_version
-            ))
-        })?;
-        let spec = JobSpec {
-            tag: tag.clone(),
-            command: job_command,
-            attempt_dir: layout.attempt_dir(),
-            cpus: run.cpu.clamp(1, 100_000) as u32,
-            memory_mb: (run.memory_gb * 1024.0).ceil().max(1.0) as u64,
-            time_limit_seconds: (run.time_hours * 3600.0).ceil().max(1.0) as u64,
-        };
+        let spec = plan.spec;
         if !self
             .db
             .record_submit_intent(run.id, &self.owner, now)
@@ -481,6 +376,174 @@ impl<B: Backend> WorkflowManager<B> {
             }
         }
     }
+}
+
+/// Everything about a run's job, decided before anything is written: its directories,
+/// the inputs bound into it, its manifest and its command.
+#[derive(Debug, Clone)]
+pub struct JobPlan {
+    pub layout: RunLayout,
+    pub inputs: Vec<BoundInput>,
+    pub manifest: Manifest,
+    pub spec: JobSpec,
+}
+
+/// Plans a run's job from its rows (no I/O beyond looking for a cached SIF): what
+/// [`WorkflowManager`] submits, and what `CommandBuilder` shows in Python.
+pub fn plan_job(
+    options: &WorkflowOptions,
+    tag: &str,
+    run: &RunWork,
+    raw: &[RawInput],
+    products: &[ProductInput],
+    now: DateTime<Utc>,
+) -> Result<JobPlan, String> {
+    let layout = RunLayout::new(
+        &options.pipeline_base_dir,
+        &run.pipeline_name,
+        &run.sub_group_key,
+        &run.step_name,
+        run.attempt(),
+    );
+    let mut inputs = Vec::with_capacity(raw.len() + products.len());
+    let mut manifest_inputs = Vec::with_capacity(raw.len());
+    let visible = command::visible_dirs(options.runtime, &layout, run.is_final);
+    for package in raw {
+        let Some(path) = package.full_path.as_deref() else {
+            return Err(format!(
+                "raw data package {} ({}) has no copy to read",
+                package.name, package.raw_data_package_id
+            ));
+        };
+        let name = format!("{}_{}", package.raw_data_package_id, file_name(path));
+        manifest_inputs.push(ManifestInput {
+            raw_data_package_id: package.raw_data_package_id,
+            name: package.name.clone(),
+            path: format!("{}/{}", visible.input, name),
+            size_bytes: package.size_bytes,
+            checksum: package.checksum.clone(),
+        });
+        inputs.push(BoundInput {
+            host_path: path.into(),
+            name,
+        });
+    }
+    let mut manifest_products = Vec::with_capacity(products.len());
+    for product in products {
+        let Some(path) = product.full_path.as_deref() else {
+            return Err(format!(
+                "upstream product {} ({}) has no copy at processing location {}",
+                product.data_product_id, product.relative_path, run.processing_location_id
+            ));
+        };
+        let name = format!("products/{}_{}", product.data_product_id, file_name(path));
+        manifest_products.push(ManifestProduct {
+            data_product_id: product.data_product_id,
+            run_id: product.run_id,
+            name: product.name.clone(),
+            product_type: product.product_type.clone(),
+            path: format!("{}/{}", visible.input, name),
+            size_bytes: product.size_bytes,
+            checksum: product.checksum.clone(),
+        });
+        inputs.push(BoundInput {
+            host_path: path.into(),
+            name,
+        });
+    }
+    let manifest = Manifest {
+        manifest_version: layout::MANIFEST_VERSION,
+        run_id: run.id,
+        attempt: run.attempt(),
+        created_at: now,
+        pipeline: layout::Named {
+            id: run.pipeline_id,
+            name: run.pipeline_name.clone(),
+        },
+        step: layout::ManifestStep {
+            id: run.reduction_step_id,
+            name: run.step_name.clone(),
+            is_final: run.is_final,
+        },
+        sub_group: layout::ManifestSubGroup {
+            key: run.sub_group_key.clone(),
+            values: run.sub_group.0.clone(),
+        },
+        software: layout::ManifestSoftware {
+            name: run.software_name.clone(),
+            version: run.software_version.clone(),
+            image_ref: run.image_ref.clone(),
+            image_digest: run.image_digest.clone(),
+            command: run.command.0.clone(),
+        },
+        configuration: run.config_snapshot.0.clone(),
+        inputs: manifest_inputs,
+        upstream_products: manifest_products,
+        excluded_upstream: run.excluded_upstream.0.clone(),
+        directories: visible,
+    };
+    let image = match options.runtime {
+        ContainerRuntime::Apptainer => command::image_for(
+            &options.sif_cache_dir,
+            &run.image_ref,
+            run.image_digest.as_deref(),
+        ),
+        ContainerRuntime::None => String::new(),
+    };
+    let job_command = command::build(&CommandRequest {
+        runtime: options.runtime,
+        apptainer: &options.apptainer,
+        image: &image,
+        command: &run.command.0,
+        layout: &layout,
+        final_step: run.is_final,
+        inputs: &inputs,
+        run_id: run.id,
+        step_name: &run.step_name,
+    })
+    .map_err(|e| format!("{} {}: {e}", run.software_name, run.software_version))?;
+    let spec = JobSpec {
+        tag: tag.to_owned(),
+        command: job_command,
+        attempt_dir: layout.attempt_dir(),
+        cpus: run.cpu.clamp(1, 100_000) as u32,
+        memory_mb: (run.memory_gb * 1024.0).ceil().max(1.0) as u64,
+        time_limit_seconds: (run.time_hours * 3600.0).ceil().max(1.0) as u64,
+    };
+    Ok(JobPlan {
+        layout,
+        inputs,
+        manifest,
+        spec,
+    })
+}
+
+/// A run's job as the workflow-manager would submit it now, read from the database
+/// and planned without writing anything (None: no such run). Inputs without a usable
+/// copy are an error naming them.
+pub async fn preview_job(
+    db: &Database,
+    options: &WorkflowOptions,
+    run_id: i64,
+) -> Result<Option<Result<JobPlan, String>>, DbError> {
+    let Some(run) = db.run_work(run_id).await? else {
+        return Ok(None);
+    };
+    let raw = db
+        .run_raw_input_copies(run.id, run.processing_location_id)
+        .await?;
+    let products = db
+        .run_product_input_copies(run.id, run.processing_location_id)
+        .await?;
+    let tag = job_tag(&tag_prefix(&db.describe()), run.id, run.attempt());
+    Ok(Some(plan_job(
+        options,
+        &tag,
+        &run,
+        &raw,
+        &products,
+        Utc::now(),
+    )))
 }
 
 /// The tag a job carries (SLURM job name and comment), findable after a crash:

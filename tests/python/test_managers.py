@@ -165,3 +165,106 @@ def test_a_manager_loop_runs_from_python_logs_through_logging_and_stops_on_ctrl_
     assert proc.returncode == 0
     with sqlite3.connect(database) as conn:
         assert conn.execute("SELECT COUNT(*) FROM executed_reduction_step").fetchone() == (2,)
+
+
+def test_command_builder_shows_the_job_without_writing_anything(database, tmp_path, monkeypatch):
+    from ccat_workflow_manager import WorkflowManagerError
+    from ccat_workflow_manager.execution.command_builder import CommandBuilder
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    with sqlite3.connect(database) as conn:
+        conn.execute(
+            "UPDATE reduction_software_version SET command = ?",
+            ('["calibrate", "--mode", "hot cold; $(x)"]',),
+        )
+        path = archive / "p1.tar"
+        path.write_text("package 1")
+        conn.execute(
+            "INSERT INTO physical_copy (data_location_id, raw_data_package_id, full_path) VALUES (1, 1, ?)",
+            (str(path),),
+        )
+    base = tmp_path / "pipelines"
+    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR", str(base))
+    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_HPC_BACKEND", "slurm")
+    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_SIF_CACHE_DIR", str(tmp_path / "sif"))
+    process_triggers(make_settings())
+    with sqlite3.connect(database) as conn:
+        first, second = [i for (i,) in conn.execute("SELECT id FROM executed_reduction_step ORDER BY id")]
+
+    builder = CommandBuilder(make_settings())
+    argv = builder.build_command(first)
+    root = base / "p" / "night=2026-01-10"
+    assert argv[:3] == ["apptainer", "exec", "--cleanenv"]
+    assert f"{root}/config/calibrate/attempt-1:/workflow/config:ro" in argv
+    assert f"{path}:/workflow/input/1_p1.tar:ro" in argv
+    assert argv[-4:] == ["docker://c:1", "calibrate", "--mode", "hot cold; $(x)"]
+    manifest = builder.build_manifest(first)
+    assert manifest["manifest_version"] == 1
+    assert manifest["run_id"] == first
+    assert [i["path"] for i in manifest["inputs"]] == ["/workflow/input/1_p1.tar"]
+    assert manifest["directories"]["output"] == "/workflow/output"
+    assert not base.exists(), "a preview writes nothing"
+    # Package 2 has no copy anywhere: the reason names it.
+    with pytest.raises(WorkflowManagerError, match=r"raw data package p2 \(2\) has no copy"):
+        builder.build(second)
+    with pytest.raises(LookupError):
+        builder.build(999)
+
+
+LOCK_SCRIPT = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("COMMIT")
+"""
+
+
+def test_the_asyncio_face_does_not_block_the_event_loop(database):
+    """While the Rust core waits for a database write lock held by another process, the
+    event loop keeps running coroutines; once the lock is released the cycle completes.
+    (The lock is held in another process: POSIX locks do not separate two SQLite
+    libraries inside one process.)"""
+    import asyncio
+    import subprocess
+    import sys
+
+    from ccat_workflow_manager import aio
+    from ccat_workflow_manager.lineage import derived_products, product_lineage
+
+    async def main():
+        preview = await aio.preview_gaps(make_settings(), pipeline="p")
+        assert [g["sub_group_key"] for g in preview["pipelines"][0]["gaps"]] == [
+            "night=2026-01-10",
+            "night=2026-01-11",
+        ]
+        holder = subprocess.Popen(
+            [sys.executable, "-c", LOCK_SCRIPT, str(database)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            task = asyncio.ensure_future(aio.process_triggers(make_settings()))
+            ticks = 0
+            for _ in range(20):  # the loop runs other work while the core waits
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert not task.done(), "the cycle cannot have written through the lock"
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            report = await task
+        finally:
+            holder.kill()
+        assert ticks == 20
+        assert report["errors"] == []
+        assert report["pipelines"][0]["created"] == 2
+        assert await aio.product_lineage(12345, make_settings()) is None
+        assert await aio.derived_products(1, make_settings()) == []
+
+    asyncio.run(main())
+    assert product_lineage(12345, make_settings()) is None
+    assert derived_products(1, make_settings()) == []

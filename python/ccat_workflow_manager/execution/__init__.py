@@ -1,0 +1,1 @@
+"""How runs become jobs: the command builder."""
