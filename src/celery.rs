@@ -226,7 +226,9 @@ impl Producer {
         // thousand messages on a loaded broker, and a timed-out batch is sent again.
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)))
+            // A broker that is away is retried by the next cycle, not here.
+            .set_number_of_retries(1);
         let conn = client
             .get_connection_manager_with_config(config)
             .await

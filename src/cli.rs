@@ -737,6 +737,10 @@ async fn manager(
                     db.clone(),
                     crate::backend::from_settings(settings, None)?,
                     crate::workflow::WorkflowOptions::from_settings(settings),
+                )
+                .with_publisher(
+                    crate::dispatch::publisher_for(settings)
+                        .context("the Redis settings for Celery dispatch")?,
                 );
                 let report = manager.cycle(Utc::now()).await?;
                 print_once(&report, report.errors.len())
@@ -746,6 +750,10 @@ async fn manager(
                     db.clone(),
                     crate::backend::from_settings(settings, None)?,
                     crate::results::ResultOptions::from_settings(settings),
+                )
+                .with_publisher(
+                    crate::dispatch::publisher_for(settings)
+                        .context("the Redis settings for Celery dispatch")?,
                 );
                 let report = manager.cycle(Utc::now()).await?;
                 print_once(&report, report.errors.len())

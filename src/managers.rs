@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use chrono::Utc;
 use tokio::sync::watch;
 
@@ -98,6 +99,10 @@ pub async fn run(
                 db.clone(),
                 crate::backend::from_settings(settings, launcher)?,
                 crate::workflow::WorkflowOptions::from_settings(settings),
+            )
+            .with_publisher(
+                crate::dispatch::publisher_for(settings)
+                    .context("the Redis settings for Celery dispatch")?,
             );
             run_loop(settings, service, interval, stop, || async {
                 let started = Instant::now();
@@ -124,6 +129,10 @@ pub async fn run(
                 db.clone(),
                 crate::backend::from_settings(settings, launcher)?,
                 crate::results::ResultOptions::from_settings(settings),
+            )
+            .with_publisher(
+                crate::dispatch::publisher_for(settings)
+                    .context("the Redis settings for Celery dispatch")?,
             );
             run_loop(settings, service, interval, stop, || async {
                 let started = Instant::now();

@@ -67,3 +67,9 @@ def aio_process_pending_runs(settings: Settings) -> Awaitable[dict[str, Any]]: .
 def aio_process_running_steps(settings: Settings) -> Awaitable[dict[str, Any]]: ...
 def aio_product_lineage(settings: Settings, product_id: int) -> Awaitable[dict[str, Any] | None]: ...
 def aio_derived_products(settings: Settings, package_id: int) -> Awaitable[list[dict[str, Any]]]: ...
+
+def submit_run(settings: Settings, run_id: int) -> dict[str, Any]:
+    """A worker's part of a submission hand-off."""
+
+def collect_run(settings: Settings, run_id: int) -> dict[str, Any]:
+    """A worker's part of a collection hand-off."""

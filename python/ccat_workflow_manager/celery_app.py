@@ -59,4 +59,7 @@ def make_app(
         },
         task_default_queue=QUEUE_HPC,
     )
+    from ccat_workflow_manager import tasks
+
+    tasks.register(app)
     return app

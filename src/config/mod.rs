@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 pub use dynaconf::{DynaconfError, LoadContext};
 pub use secret::Secret;
 
+pub use crate::dispatch::DispatchMode;
 pub use crate::workflow::command::ContainerRuntime;
 
 /// Prefix of ops-db's environment variables, read for the database connection.
@@ -99,6 +100,10 @@ pub struct WorkflowSettings {
     pub lease_seconds: f64,
     /// First retry delay; it doubles with each retry.
     pub retry_backoff_seconds: f64,
+    /// Where per-run work runs: in the manager (`inline`) or on Celery workers.
+    pub dispatch_mode: DispatchMode,
+    /// The Celery broker's `global_keyprefix` (must match the workers').
+    pub celery_global_keyprefix: String,
 }
 
 /// The operations database to connect to.
@@ -236,6 +241,15 @@ impl Settings {
                 max_active_jobs: r.positive_int("MAX_ACTIVE_JOBS", 500)?,
                 lease_seconds: r.seconds("LEASE_SECONDS", 300.0)?,
                 retry_backoff_seconds: r.seconds("RETRY_BACKOFF_SECONDS", 60.0)?,
+                dispatch_mode: r.choice(
+                    "DISPATCH_MODE",
+                    &[
+                        ("inline", DispatchMode::Inline),
+                        ("celery", DispatchMode::Celery),
+                    ],
+                    DispatchMode::Inline,
+                )?,
+                celery_global_keyprefix: r.string("CELERY_GLOBAL_KEYPREFIX", "")?,
             },
             sif_cache_dir: r.string("SIF_CACHE_DIR", "/data/sif-cache")?.into(),
             redis: RedisSettings {

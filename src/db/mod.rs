@@ -9,6 +9,7 @@
 pub mod changes;
 pub mod filter_sql;
 pub mod lineage;
+pub mod outbox;
 pub mod pipelines;
 pub mod runs;
 pub mod schema;

@@ -7,14 +7,18 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::types::Json;
 
+use super::outbox::{Handoff, insert_handoff};
 use super::{Database, DbError, Dialect, on_pool};
+
+/// Lease holder of a run handed to a Celery worker for submission, before its task id.
+pub const DISPATCHED: &str = "celery:";
 
 /// Statuses in which a run counts against its pipeline's `max_active_runs`.
 const ACTIVE: &str = "('STAGING_DATA', 'SUBMITTED', 'RUNNING', 'COLLECTING_RESULTS')";
 
 /// Query text with `{ids}` replaced by the dialect's expansion of the JSON list of ids
 /// bound at `$1`. Only this constant fragment is spliced in, never a value.
-fn with_ids(dialect: Dialect, text: &str) -> sqlx::AssertSqlSafe<String> {
+pub(crate) fn with_ids(dialect: Dialect, text: &str) -> sqlx::AssertSqlSafe<String> {
     let ids = match dialect {
         Dialect::Postgres => {
             "(SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text($1::jsonb))"
@@ -577,31 +581,110 @@ impl Database {
         .map_err(DbError::query("marking a run running"))
     }
 
-    /// SUBMITTED/RUNNING → COLLECTING_RESULTS with the job's metrics.
+    /// SUBMITTED/RUNNING → COLLECTING_RESULTS with the job's metrics, and, in the same
+    /// transaction, the hand-off of its collection to a worker when one is given.
     pub async fn mark_job_succeeded(
         &self,
         run_id: i64,
         metrics: &RunMetrics,
+        handoff: Option<&Handoff>,
         now: DateTime<Utc>,
     ) -> Result<bool, DbError> {
         on_pool!(self, pool => {
+            async {
+                let mut tx = pool.begin().await?;
+                let moved = sqlx::query(
+                    "UPDATE executed_reduction_step SET status = 'COLLECTING_RESULTS', \
+                     exit_code = $2, wall_time_seconds = $3, cpu_hours = $4, peak_memory_gb = $5, \
+                     started_at = COALESCE(started_at, $6), updated_at = $6 \
+                     WHERE id = $1 AND status IN ('SUBMITTED', 'RUNNING')",
+                )
+                .bind(run_id)
+                .bind(metrics.exit_code)
+                .bind(metrics.wall_time_seconds)
+                .bind(metrics.cpu_hours)
+                .bind(metrics.peak_memory_gb)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                if moved && let Some(handoff) = handoff {
+                    insert_handoff!(&mut *tx, handoff, now).await?;
+                }
+                tx.commit().await?;
+                Ok(moved)
+            }
+            .await
+        })
+        .map_err(DbError::query("marking a job succeeded"))
+    }
+
+    /// Hands a run whose inputs are ready to a worker for submission: its lease passes
+    /// from `owner` to the hand-off (`celery:<task id>`, until `lease_until`) and the
+    /// hand-off is recorded, in one transaction. Should the message never be worked, the
+    /// lease expires and a workflow-manager takes the run back.
+    pub async fn dispatch_submission(
+        &self,
+        run_id: i64,
+        owner: &str,
+        handoff: &Handoff,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let holder = format!("{DISPATCHED}{}", handoff.task_id);
+        on_pool!(self, pool => {
+            async {
+                let mut tx = pool.begin().await?;
+                let moved = sqlx::query(
+                    "UPDATE executed_reduction_step SET lease_owner = $3, lease_expires_at = $4, \
+                     updated_at = $5 WHERE id = $1 AND status = 'STAGING_DATA' AND lease_owner = $2",
+                )
+                .bind(run_id)
+                .bind(owner)
+                .bind(&holder)
+                .bind(lease_until)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                if moved {
+                    insert_handoff!(&mut *tx, handoff, now).await?;
+                }
+                tx.commit().await?;
+                Ok(moved)
+            }
+            .await
+        })
+        .map_err(DbError::query("handing a submission to a worker"))
+    }
+
+    /// A worker takes a run handed to it (or whose lease expired) under its own lease.
+    pub async fn take_dispatched_run(
+        &self,
+        run_id: i64,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let dispatched = format!("{DISPATCHED}%");
+        on_pool!(self, pool => {
             sqlx::query(
-                "UPDATE executed_reduction_step SET status = 'COLLECTING_RESULTS', \
-                 exit_code = $2, wall_time_seconds = $3, cpu_hours = $4, peak_memory_gb = $5, \
-                 started_at = COALESCE(started_at, $6), updated_at = $6 \
-                 WHERE id = $1 AND status IN ('SUBMITTED', 'RUNNING')",
+                "UPDATE executed_reduction_step SET lease_owner = $2, lease_expires_at = $3 \
+                 WHERE id = $1 AND status = 'STAGING_DATA' \
+                   AND (lease_owner LIKE $5 OR lease_owner = $2 OR lease_expires_at < $4)",
             )
             .bind(run_id)
-            .bind(metrics.exit_code)
-            .bind(metrics.wall_time_seconds)
-            .bind(metrics.cpu_hours)
-            .bind(metrics.peak_memory_gb)
+            .bind(owner)
+            .bind(lease_until)
             .bind(now)
+            .bind(&dispatched)
             .execute(pool)
             .await
             .map(|r| r.rows_affected() == 1)
         })
-        .map_err(DbError::query("marking a job succeeded"))
+        .map_err(DbError::query("taking a handed-off run"))
     }
 
     /// Cancelled runs whose job may still run: CANCELLED, a job id, not yet handled.
@@ -683,6 +766,7 @@ pub struct CollectRun {
     pub sub_group_key: String,
     pub step_name: String,
     pub retry_count: i32,
+    pub processing_location_id: i64,
     pub is_final: bool,
 }
 
@@ -704,7 +788,7 @@ impl Database {
         on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT r.id, p.name AS pipeline_name, r.sub_group_key, s.name AS step_name, \
-                        r.retry_count, \
+                        r.retry_count, p.processing_location_id, \
                         NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
                                     WHERE d.depends_on_step_id = s.id) AS is_final \
                  FROM executed_reduction_step r \
@@ -718,6 +802,26 @@ impl Database {
             .await
         })
         .map_err(DbError::query("reading runs to collect"))
+    }
+
+    /// One run waiting for collection, by id (a worker's hand-off).
+    pub async fn collecting_run(&self, run_id: i64) -> Result<Option<CollectRun>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT r.id, p.name AS pipeline_name, r.sub_group_key, s.name AS step_name, \
+                        r.retry_count, p.processing_location_id, \
+                        NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
+                                    WHERE d.depends_on_step_id = s.id) AS is_final \
+                 FROM executed_reduction_step r \
+                 JOIN reduction_step s ON s.id = r.reduction_step_id \
+                 JOIN pipeline p ON p.id = s.pipeline_id \
+                 WHERE r.status = 'COLLECTING_RESULTS' AND r.id = $1",
+            )
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await
+        })
+        .map_err(DbError::query("reading a run to collect"))
     }
 
     /// Registers a run's products and their copies at `location` and completes the run,

@@ -259,6 +259,22 @@ pub const TABLES: &[Table] = &[
         name: "change_tombstone",
         columns: &["table_name", "row_id", "change_mark", "deleted_at"],
     },
+    Table {
+        name: "celery_outbox",
+        columns: &[
+            "id",
+            "task_id",
+            "task_name",
+            "queue",
+            "priority",
+            "args",
+            "kwargs",
+            "created_at",
+            "published_at",
+            "attempts",
+            "last_error",
+        ],
+    },
 ];
 
 /// Tables only the SQLite schema has: its change clock (PostgreSQL uses transaction ids).

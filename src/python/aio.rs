@@ -5,7 +5,7 @@
 use pyo3::prelude::*;
 use serde_json::Value;
 
-use super::{PySettings, WorkflowManagerError, backend_for, database_error};
+use super::{PySettings, WorkflowManagerError, backend_for, database_error, publisher_for};
 use crate::config::Settings;
 use crate::db::{Database, DbError};
 
@@ -73,9 +73,11 @@ pub fn aio_process_pending_runs<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let settings = settings.inner.clone();
     let backend = backend_for(py, &settings)?;
+    let publisher = publisher_for(&settings)?;
     let options = crate::workflow::WorkflowOptions::from_settings(&settings);
     awaitable(py, settings, move |db| async move {
         crate::workflow::WorkflowManager::for_process(db, backend, options)
+            .with_publisher(publisher)
             .cycle(chrono::Utc::now())
             .await
     })
@@ -89,9 +91,11 @@ pub fn aio_process_running_steps<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let settings = settings.inner.clone();
     let backend = backend_for(py, &settings)?;
+    let publisher = publisher_for(&settings)?;
     let options = crate::results::ResultOptions::from_settings(&settings);
     awaitable(py, settings, move |db| async move {
         crate::results::ResultManager::new(db, backend, options)
+            .with_publisher(publisher)
             .cycle(chrono::Utc::now())
             .await
     })

@@ -222,6 +222,12 @@ fn backend_for(
         .map_err(|e| ConfigurationError::new_err(e.to_string()))
 }
 
+/// The Celery publisher `DISPATCH_MODE` asks for (None: inline).
+fn publisher_for(settings: &config::Settings) -> PyResult<Option<crate::dispatch::Publisher>> {
+    crate::dispatch::publisher_for(settings)
+        .map_err(|e| ConfigurationError::new_err(format!("the Redis settings: {e}")))
+}
+
 /// Errors of one manager cycle: the database's, or a report that cannot be converted.
 fn report_to_python<'py, T: serde::Serialize>(
     py: Python<'py>,
@@ -243,6 +249,7 @@ fn process_pending_runs<'py>(
     logging::install();
     let settings = settings.inner.clone();
     let backend = backend_for(py, &settings)?;
+    let publisher = publisher_for(&settings)?;
     let report = py.detach(|| {
         runtime().block_on(async move {
             let db = crate::db::Database::connect(&settings.database).await?;
@@ -252,7 +259,8 @@ fn process_pending_runs<'py>(
                 db.clone(),
                 backend,
                 crate::workflow::WorkflowOptions::from_settings(&settings),
-            );
+            )
+            .with_publisher(publisher);
             let report = manager.cycle(chrono::Utc::now()).await;
             db.close().await;
             report
@@ -272,6 +280,7 @@ fn process_running_steps<'py>(
     logging::install();
     let settings = settings.inner.clone();
     let backend = backend_for(py, &settings)?;
+    let publisher = publisher_for(&settings)?;
     let report = py.detach(|| {
         runtime().block_on(async move {
             let db = crate::db::Database::connect(&settings.database).await?;
@@ -279,7 +288,8 @@ fn process_running_steps<'py>(
                 db.clone(),
                 backend,
                 crate::results::ResultOptions::from_settings(&settings),
-            );
+            )
+            .with_publisher(publisher);
             let report = manager.cycle(chrono::Utc::now()).await;
             db.close().await;
             report
@@ -327,6 +337,58 @@ fn build_job<'py>(
         "time_limit_seconds": plan.spec.time_limit_seconds,
     });
     to_python(py, &value)
+}
+
+/// A Celery worker's part of a submission hand-off: takes the run and submits it.
+#[pyfunction]
+fn submit_run<'py>(
+    py: Python<'py>,
+    settings: &PySettings,
+    run_id: i64,
+) -> PyResult<Bound<'py, PyAny>> {
+    logging::install();
+    let settings = settings.inner.clone();
+    let backend = backend_for(py, &settings)?;
+    let report = py.detach(|| {
+        runtime().block_on(async move {
+            let db = crate::db::Database::connect(&settings.database).await?;
+            let manager = crate::workflow::WorkflowManager::for_process(
+                db.clone(),
+                backend,
+                crate::workflow::WorkflowOptions::from_settings(&settings),
+            );
+            let report = manager.submit_handed_off(run_id, chrono::Utc::now()).await;
+            db.close().await;
+            report
+        })
+    });
+    report_to_python(py, report)
+}
+
+/// A Celery worker's part of a collection hand-off: registers the run's outputs.
+#[pyfunction]
+fn collect_run<'py>(
+    py: Python<'py>,
+    settings: &PySettings,
+    run_id: i64,
+) -> PyResult<Bound<'py, PyAny>> {
+    logging::install();
+    let settings = settings.inner.clone();
+    let backend = backend_for(py, &settings)?;
+    let report = py.detach(|| {
+        runtime().block_on(async move {
+            let db = crate::db::Database::connect(&settings.database).await?;
+            let manager = crate::results::ResultManager::new(
+                db.clone(),
+                backend,
+                crate::results::ResultOptions::from_settings(&settings),
+            );
+            let report = manager.collect_handed_off(run_id).await;
+            db.close().await;
+            report
+        })
+    });
+    report_to_python(py, report)
 }
 
 /// Runs a manager's loop (`trigger-manager`, `workflow-manager` or `result-manager`)
@@ -418,6 +480,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(process_running_steps, m)?)?;
     m.add_function(wrap_pyfunction!(run_manager, m)?)?;
     m.add_function(wrap_pyfunction!(build_job, m)?)?;
+    m.add_function(wrap_pyfunction!(submit_run, m)?)?;
+    m.add_function(wrap_pyfunction!(collect_run, m)?)?;
     aio::register(m)?;
     m.add_function(wrap_pyfunction!(migrate, m)?)?;
     Ok(())

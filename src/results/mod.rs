@@ -53,6 +53,8 @@ pub struct ResultReport {
     pub cancelled: usize,
     /// Runs whose outputs were registered (→ COMPLETED), and how many products.
     pub completed: usize,
+    /// The publishing of recorded hand-offs, in celery mode.
+    pub dispatch: Option<crate::dispatch::PublishReport>,
     pub products: usize,
     pub errors: Vec<String>,
 }
@@ -67,6 +69,8 @@ pub struct ResultManager<B> {
     db: Database,
     backend: B,
     options: ResultOptions,
+    /// Set in celery mode: collections are handed to workers and published by this.
+    publisher: Option<tokio::sync::Mutex<crate::dispatch::Publisher>>,
 }
 
 impl<B: Backend> ResultManager<B> {
@@ -75,7 +79,24 @@ impl<B: Backend> ResultManager<B> {
             db,
             backend,
             options,
+            publisher: None,
         }
+    }
+
+    /// Hands collections to Celery workers through `publisher` instead of collecting.
+    pub fn with_publisher(mut self, publisher: Option<crate::dispatch::Publisher>) -> Self {
+        self.publisher = publisher.map(tokio::sync::Mutex::new);
+        self
+    }
+
+    /// A worker's part of a hand-off (`ccat_workflow_manager.tasks.collect_run`): collects
+    /// one run if it still waits for collection.
+    pub async fn collect_handed_off(&self, run_id: i64) -> Result<ResultReport, DbError> {
+        let mut report = ResultReport::default();
+        if let Some(run) = self.db.collecting_run(run_id).await? {
+            self.collect_one(&run, &mut report).await?;
+        }
+        Ok(report)
     }
 
     fn job_ref(&self, job: &ActiveJob) -> JobRef {
@@ -96,15 +117,36 @@ impl<B: Backend> ResultManager<B> {
     pub async fn cycle(&self, now: DateTime<Utc>) -> Result<ResultReport, DbError> {
         let mut report = ResultReport::default();
         self.track(&mut report, now).await?;
-        self.collect(&mut report).await?;
+        match &self.publisher {
+            None => self.collect(&mut report).await?,
+            Some(publisher) => {
+                report.dispatch = Some(publisher.lock().await.publish_pending(&self.db).await?);
+            }
+        }
         Ok(report)
     }
 
     /// Registers the outputs of every run whose job succeeded.
     async fn collect(&self, report: &mut ResultReport) -> Result<(), DbError> {
-        let location = self.options.processing_location_id;
+        for run in self
+            .db
+            .collecting_runs(self.options.processing_location_id)
+            .await?
+        {
+            self.collect_one(&run, report).await?;
+        }
+        Ok(())
+    }
+
+    /// Registers one run's outputs.
+    async fn collect_one(
+        &self,
+        run: &crate::db::runs::CollectRun,
+        report: &mut ResultReport,
+    ) -> Result<(), DbError> {
+        let location = run.processing_location_id;
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
-        for run in self.db.collecting_runs(location).await? {
+        {
             let layout = RunLayout::new(
                 &self.options.pipeline_base_dir,
                 &run.pipeline_name,
@@ -211,7 +253,15 @@ impl<B: Backend> ResultManager<B> {
                 JobState::Succeeded(m) => {
                     if self
                         .db
-                        .mark_job_succeeded(job.id, &metrics(&m), now)
+                        .mark_job_succeeded(
+                            job.id,
+                            &metrics(&m),
+                            self.publisher
+                                .is_some()
+                                .then(|| crate::dispatch::collect_run(job.id))
+                                .as_ref(),
+                            now,
+                        )
                         .await?
                     {
                         tracing::info!(run_id = job.id, job_id = %job.hpc_job_id, "job succeeded");

@@ -71,13 +71,17 @@ pub struct WorkflowReport {
     /// Jobs found by their tag after a crash and recorded, not submitted again.
     pub adopted: usize,
     pub failed: usize,
+    /// Handed to Celery workers for submission (`DISPATCH_MODE=celery`).
+    pub dispatched: usize,
+    /// The publishing of recorded hand-offs, in celery mode.
+    pub dispatch: Option<crate::dispatch::PublishReport>,
     /// Problems that did not fail a run (the database, a lease lost): retried next cycle.
     pub errors: Vec<String>,
 }
 
 impl WorkflowReport {
     pub fn handled(&self) -> u64 {
-        (self.claimed + self.submitted + self.adopted + self.failed) as u64
+        (self.claimed + self.submitted + self.dispatched + self.adopted + self.failed) as u64
     }
 }
 
@@ -95,6 +99,8 @@ enum Outcome {
     StagingRequested,
     WaitingForStaging,
     Submitted,
+    /// Inputs ready; handed to a Celery worker to submit.
+    Dispatched,
     Adopted,
     LeaseLost,
 }
@@ -110,6 +116,8 @@ pub struct WorkflowManager<B> {
     /// Starts every job tag: names the database, so deployments sharing a cluster never
     /// mistake each other's jobs for their own.
     tag_prefix: String,
+    /// Set in celery mode: submissions are handed to workers and published by this.
+    publisher: Option<tokio::sync::Mutex<crate::dispatch::Publisher>>,
 }
 
 impl<B: Backend> WorkflowManager<B> {
@@ -123,6 +131,7 @@ impl<B: Backend> WorkflowManager<B> {
             options,
             owner: format!("{host}:{}:{}", std::process::id(), &nonce[..8]),
             tag_prefix,
+            publisher: None,
         }
     }
 
@@ -136,6 +145,12 @@ impl<B: Backend> WorkflowManager<B> {
         // The pid is read now: a forked child gets an owner of its own.
         manager.owner = format!("{host}:{}:{nonce}", std::process::id());
         manager
+    }
+
+    /// Hands submissions to Celery workers through `publisher` instead of submitting.
+    pub fn with_publisher(mut self, publisher: Option<crate::dispatch::Publisher>) -> Self {
+        self.publisher = publisher.map(tokio::sync::Mutex::new);
+        self
     }
 
     pub fn owner(&self) -> &str {
@@ -180,12 +195,52 @@ impl<B: Backend> WorkflowManager<B> {
             .await?;
         report.held = runs.len();
         for run in &runs {
+            self.handle(run, now, &mut report).await?;
+        }
+        if let Some(publisher) = &self.publisher {
+            report.dispatch = Some(publisher.lock().await.publish_pending(&self.db).await?);
+        }
+        Ok(report)
+    }
+
+    /// A worker's part of a hand-off (`ccat_workflow_manager.tasks.submit_run`): takes the
+    /// run handed to it and submits it. Returns the cycle-style report of that one run.
+    pub async fn submit_handed_off(
+        &self,
+        run_id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<WorkflowReport, DbError> {
+        let mut report = WorkflowReport::default();
+        if !self
+            .db
+            .take_dispatched_run(run_id, &self.owner, now + self.options.lease, now)
+            .await?
+        {
+            // Submitted already, cancelled, or held by a live instance: nothing to do.
+            return Ok(report);
+        }
+        if let Some(run) = self.db.run_work(run_id).await? {
+            report.held = 1;
+            self.handle(&run, now, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    /// Moves one held run on and counts the outcome.
+    async fn handle(
+        &self,
+        run: &RunWork,
+        now: DateTime<Utc>,
+        report: &mut WorkflowReport,
+    ) -> Result<(), DbError> {
+        {
             let span = tracing::info_span!("run", run_id = run.id, pipeline = %run.pipeline_name,
                 step = %run.step_name, sub_group = %run.sub_group_key, attempt = run.attempt());
             match self.advance(run, now).instrument(span).await {
                 Ok(Outcome::StagingRequested) => report.staging_requested += 1,
                 Ok(Outcome::WaitingForStaging) => report.waiting_for_staging += 1,
                 Ok(Outcome::Submitted) => report.submitted += 1,
+                Ok(Outcome::Dispatched) => report.dispatched += 1,
                 Ok(Outcome::Adopted) => report.adopted += 1,
                 Ok(Outcome::LeaseLost) => {
                     report
@@ -216,7 +271,7 @@ impl<B: Backend> WorkflowManager<B> {
                 }
             }
         }
-        Ok(report)
+        Ok(())
     }
 
     /// Lease owners on this host whose process is gone: their runs are taken over at
@@ -275,6 +330,22 @@ impl<B: Backend> WorkflowManager<B> {
         let raw = self.db.run_raw_input_copies(run.id, location).await?;
         if let Some(waiting) = self.stage(run, &raw).await? {
             return Ok(waiting);
+        }
+        if self.publisher.is_some() {
+            let handoff = crate::dispatch::submit_run(run.id);
+            let lease_until = now + self.options.lease;
+            return Ok(
+                if self
+                    .db
+                    .dispatch_submission(run.id, &self.owner, &handoff, lease_until, now)
+                    .await?
+                {
+                    tracing::info!(task_id = %handoff.task_id, "submission handed to a worker");
+                    Outcome::Dispatched
+                } else {
+                    Outcome::LeaseLost
+                },
+            );
         }
         let products = self.db.run_product_input_copies(run.id, location).await?;
         let plan =

@@ -40,7 +40,7 @@ def database(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "ops.sqlite"
     monkeypatch.setenv("CCAT_OPS_DB_DATABASE_SQLITE_DATABASE", str(path))
-    assert _core.migrate(Settings.load()) == [1, 2, 3]
+    assert _core.migrate(Settings.load()) == [1, 2, 3, 4]
     with sqlite3.connect(path) as conn:
         conn.executescript(SEED)
     return path
@@ -268,3 +268,76 @@ def test_the_asyncio_face_does_not_block_the_event_loop(database):
     asyncio.run(main())
     assert product_lineage(12345, make_settings()) is None
     assert derived_products(1, make_settings()) == []
+
+
+def test_celery_dispatch_runs_submission_and_collection_in_a_prefork_worker(database, tmp_path, monkeypatch):
+    """DISPATCH_MODE=celery: the managers record hand-offs and publish them; a real Celery
+    worker with the prefork pool runs submit_run and collect_run, calling the Rust core in
+    its forked children, until every run is COMPLETED."""
+    import subprocess
+    import sys
+    import time
+    import uuid
+    from urllib.parse import urlparse
+
+    redis_url = os.environ.get("CCAT_TEST_REDIS_URL")
+    assert redis_url, "CCAT_TEST_REDIS_URL is not set: run the tests with `nox -s tests`"
+    url = urlparse(redis_url)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    command = '["/bin/sh", "-c", "echo map > \\"$WORKFLOW_OUTPUT_DIR/science/map.fits\\""]'
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE reduction_software_version SET command = ?", (command,))
+        for package in (1, 2):
+            path = archive / f"p{package}.tar"
+            path.write_text(f"package {package}")
+            conn.execute(
+                "INSERT INTO physical_copy (data_location_id, raw_data_package_id, full_path) VALUES (1, ?, ?)",
+                (package, str(path)),
+            )
+    for key, value in {
+        "PIPELINE_BASE_DIR": str(tmp_path / "pipelines"),
+        "DISPATCH_MODE": "celery",
+        "CELERY_GLOBAL_KEYPREFIX": f"test-dispatch-{uuid.uuid4()}:",
+        "REDIS_HOST": url.hostname or "localhost",
+        "REDIS_PORT": str(url.port or 6379),
+    }.items():
+        monkeypatch.setenv(f"CCAT_WORKFLOW_MANAGER_{key}", value)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "ccat_workflow_manager.worker", "worker",
+         "--pool", "prefork", "--concurrency", "1", "-Q", "workflow.hpc,workflow.results",
+         "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert process_triggers(make_settings())["pipelines"][0]["created"] == 2
+        dispatched = 0
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            report = process_pending_runs(make_settings())
+            assert report["submitted"] == 0, "in celery mode the workers submit"
+            dispatched += report["dispatched"]
+            results = process_running_steps(make_settings())
+            assert results["completed"] == 0, "in celery mode the workers collect"
+            with sqlite3.connect(database) as conn:
+                states = [s for (s,) in conn.execute("SELECT status FROM executed_reduction_step")]
+            if states == ["COMPLETED"] * 2:
+                break
+            time.sleep(0.3)
+        assert states == ["COMPLETED"] * 2, states
+        assert dispatched == 2
+        with sqlite3.connect(database) as conn:
+            products = conn.execute("SELECT product_type, relative_path FROM data_product").fetchall()
+            outbox = conn.execute(
+                "SELECT task_name, published_at IS NOT NULL FROM celery_outbox ORDER BY id"
+            ).fetchall()
+        assert products == [("SCIENCE", "output/science/map.fits")] * 2
+        assert sorted(outbox) == sorted(
+            [("ccat_workflow_manager.tasks.submit_run", 1)] * 2
+            + [("ccat_workflow_manager.tasks.collect_run", 1)] * 2
+        )
+    finally:
+        worker.terminate()
+        log, _ = worker.communicate(timeout=30)
+    assert log.count("ccat_workflow_manager.tasks.submit_run[") >= 2, log
+    assert "ForkPoolWorker" in log, log
