@@ -24,6 +24,10 @@ pub const REFRESH: Duration = Duration::from_secs(30);
 /// How long a status record outlives its service, so that a dead one shows as down.
 const STATUS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+fn yes() -> bool {
+    true
+}
+
 /// What a manager reports about its loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {
@@ -41,6 +45,10 @@ pub struct ServiceStatus {
     pub cycle_in_progress: bool,
     /// A cycle running, or none finished, for longer than this means the loop is stuck.
     pub stale_after_seconds: f64,
+    /// Whether a service with no cycle finished for that long is stale: true for the
+    /// manager loops, false for services that may rightly sit idle (a Celery worker).
+    #[serde(default = "yes")]
+    pub stale_when_idle: bool,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -67,6 +75,7 @@ impl HealthReporter {
                 last_error: None,
                 cycle_in_progress: false,
                 stale_after_seconds: stale_after.as_secs_f64(),
+                stale_when_idle: true,
                 updated_at: now,
             })),
         }
@@ -221,6 +230,22 @@ impl ManagerHeartbeat {
     /// Starts beating for `service`, whose loop polls every `interval`.
     pub fn start(redis: &RedisSettings, service: &str, interval: Duration) -> ManagerHeartbeat {
         let reporter = HealthReporter::new(service, HealthReporter::stale_after_for(interval));
+        Self::start_with(redis, service, reporter)
+    }
+
+    /// The heartbeat of a service that may sit idle, such as a Celery worker: alive while
+    /// the process runs, never stale for want of cycles. Needs a tokio runtime context.
+    pub fn start_idle(redis: &RedisSettings, service: &str) -> ManagerHeartbeat {
+        let reporter = HealthReporter::new(service, Duration::from_secs(3600));
+        reporter.lock().stale_when_idle = false;
+        Self::start_with(redis, service, reporter)
+    }
+
+    fn start_with(
+        redis: &RedisSettings,
+        service: &str,
+        reporter: HealthReporter,
+    ) -> ManagerHeartbeat {
         let client = match redis_client(redis) {
             Ok(client) => Some(client),
             Err(e) => {
@@ -287,7 +312,7 @@ pub fn assess(alive: bool, status: Option<&ServiceStatus>, now: DateTime<Utc>) -
                 reason: format!("a cycle has been running for {:.0} s", seconds(start)),
             };
         }
-    } else {
+    } else if s.stale_when_idle {
         let since = s.last_cycle_end.unwrap_or(s.started_at);
         if seconds(since) > limit {
             return Health::Stale {
@@ -372,6 +397,24 @@ mod tests {
         s.last_cycle_start = Some(now - chrono::Duration::seconds(start_ago));
         s.last_cycle_end = end_ago.map(|a| now - chrono::Duration::seconds(a));
         s
+    }
+
+    #[test]
+    fn an_idle_worker_is_healthy_but_a_stuck_task_is_not() {
+        let now = Utc::now();
+        let mut idle = status(false, 100_000, Some(100_000));
+        idle.stale_when_idle = false;
+        assert_eq!(assess(true, Some(&idle), now), Health::Healthy);
+        idle.cycle_in_progress = true;
+        assert!(matches!(
+            assess(true, Some(&idle), now),
+            Health::Stale { .. }
+        ));
+        // Records written before the field existed read as the managers' default.
+        let mut old = serde_json::to_value(status(false, 1, Some(1))).unwrap();
+        old.as_object_mut().unwrap().remove("stale_when_idle");
+        let old: ServiceStatus = serde_json::from_value(old).unwrap();
+        assert!(old.stale_when_idle);
     }
 
     #[test]

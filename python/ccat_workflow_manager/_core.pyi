@@ -73,3 +73,10 @@ def submit_run(settings: Settings, run_id: int) -> dict[str, Any]:
 
 def collect_run(settings: Settings, run_id: int) -> dict[str, Any]:
     """A worker's part of a collection hand-off."""
+
+class Heartbeat:
+    """A service's Redis heartbeat, kept until :meth:`stop`."""
+    def stop(self) -> None: ...
+
+def start_heartbeat(service: str, settings: Settings) -> Heartbeat:
+    """Starts the heartbeat of a service that may sit idle (a Celery worker)."""

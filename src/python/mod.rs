@@ -391,6 +391,36 @@ fn collect_run<'py>(
     report_to_python(py, report)
 }
 
+/// A service's Redis heartbeat (`health:workflow:<service>`, TTL 90 s, refreshed every
+/// 30 s) kept by this process until `stop()`: what a Celery worker runs.
+#[pyclass(name = "Heartbeat", module = "ccat_workflow_manager._core", frozen)]
+struct PyHeartbeat {
+    beat: Mutex<Option<crate::health::ManagerHeartbeat>>,
+}
+
+#[pymethods]
+impl PyHeartbeat {
+    /// Stops beating and removes the health key (the service shows as down at once).
+    fn stop(&self, py: Python<'_>) {
+        let beat = self.beat.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(beat) = beat {
+            py.detach(|| runtime().block_on(beat.stop()));
+        }
+    }
+}
+
+/// Starts the heartbeat of an idle-capable service such as a Celery worker.
+#[pyfunction]
+fn start_heartbeat(service: &str, settings: &PySettings) -> PyHeartbeat {
+    logging::install();
+    let rt = runtime();
+    let _context = rt.enter();
+    let beat = crate::health::ManagerHeartbeat::start_idle(&settings.inner.redis, service);
+    PyHeartbeat {
+        beat: Mutex::new(Some(beat)),
+    }
+}
+
 /// Runs a manager's loop (`trigger-manager`, `workflow-manager` or `result-manager`)
 /// until Ctrl-C (or another signal Python turns into an exception): the GIL is released
 /// while it runs, the interpreter's signal handlers are run every 100 ms, and on a
@@ -481,6 +511,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(run_manager, m)?)?;
     m.add_function(wrap_pyfunction!(build_job, m)?)?;
     m.add_function(wrap_pyfunction!(submit_run, m)?)?;
+    m.add_function(wrap_pyfunction!(start_heartbeat, m)?)?;
+    m.add_class::<PyHeartbeat>()?;
     m.add_function(wrap_pyfunction!(collect_run, m)?)?;
     aio::register(m)?;
     m.add_function(wrap_pyfunction!(migrate, m)?)?;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import sqlite3
 
 import pytest
@@ -301,8 +302,14 @@ def test_celery_dispatch_runs_submission_and_collection_in_a_prefork_worker(data
         "CELERY_GLOBAL_KEYPREFIX": f"test-dispatch-{uuid.uuid4()}:",
         "REDIS_HOST": url.hostname or "localhost",
         "REDIS_PORT": str(url.port or 6379),
+        "WORKER_HEALTH_NAME": f"test-worker-{uuid.uuid4()}",
     }.items():
         monkeypatch.setenv(f"CCAT_WORKFLOW_MANAGER_{key}", value)
+    import redis as redis_client
+    import shutil
+
+    health_key = "health:workflow:" + os.environ["CCAT_WORKFLOW_MANAGER_WORKER_HEALTH_NAME"]
+    r = redis_client.Redis.from_url(redis_url)
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "ccat_workflow_manager.worker", "worker",
          "--pool", "prefork", "--concurrency", "1", "-Q", "workflow.hpc,workflow.results",
@@ -310,6 +317,16 @@ def test_celery_dispatch_runs_submission_and_collection_in_a_prefork_worker(data
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
+        # The worker's heartbeat: alive, with the managers' TTL; `ccat-wfm health` agrees.
+        deadline = time.monotonic() + 60
+        while r.get(health_key) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert r.get(health_key) == b"alive"
+        assert 0 < r.ttl(health_key) <= 90
+        exe = shutil.which("ccat-wfm", path=str(Path(sys.executable).parent))
+        service = health_key.removeprefix("health:workflow:")
+        health = subprocess.run([exe, "health", "--service", service], capture_output=True, text=True)
+        assert health.returncode == 0, health
         assert process_triggers(make_settings())["pipelines"][0]["created"] == 2
         dispatched = 0
         deadline = time.monotonic() + 90
@@ -341,3 +358,6 @@ def test_celery_dispatch_runs_submission_and_collection_in_a_prefork_worker(data
         log, _ = worker.communicate(timeout=30)
     assert log.count("ccat_workflow_manager.tasks.submit_run[") >= 2, log
     assert "ForkPoolWorker" in log, log
+    # A clean shutdown removes the health key at once.
+    assert r.get(health_key) is None
+    r.delete(health_key + ":status")
