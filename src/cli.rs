@@ -90,6 +90,13 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArg,
     },
+    /// Run the three managers in this one process, each its own loop, until SIGTERM or
+    /// SIGINT (the embedded setup; production runs one process per manager). An SQLite
+    /// database is created and migrated; any other must already have the schema.
+    Run {
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
     /// Run the workflow-manager: claim pending runs, stage their inputs, submit their jobs.
     WorkflowManager {
         /// Run one cycle, print what it did, and exit.
@@ -521,6 +528,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Lineage { command } => lineage(&settings, command).await,
+        Command::Run { db } => {
+            let db = open_database(&settings, &db).await?;
+            let code = run_all(&settings, &db).await;
+            db.close().await;
+            code
+        }
         Command::JobWrapper { .. } => unreachable!("handled before the runtime starts"),
         Command::WorkflowManager { once, db } => {
             let db = open_database(&settings, &db).await?;
@@ -762,6 +775,34 @@ async fn manager(
     }
     let stop = stop_on_signals()?;
     managers::run(kind, settings, db, None, stop).await?;
+    Ok(0)
+}
+
+/// The three manager loops in one process, stopped together.
+async fn run_all(settings: &Settings, db: &Database) -> anyhow::Result<u8> {
+    match db.dialect() {
+        // The embedded database is ours to create.
+        crate::db::Dialect::Sqlite => {
+            db.migrate().await?;
+        }
+        // ops-db owns a PostgreSQL schema: only check it.
+        crate::db::Dialect::Postgres => {
+            let report = db.check().await?;
+            if !report.is_complete() {
+                eprintln!(
+                    "error: {} lacks tables or columns the managers need; see `ccat-wfm db check`",
+                    db.describe()
+                );
+                return Ok(EXIT_PROBLEM);
+            }
+        }
+    }
+    let stop = stop_on_signals()?;
+    tokio::try_join!(
+        managers::run(ManagerKind::Trigger, settings, db, None, stop.clone()),
+        managers::run(ManagerKind::Workflow, settings, db, None, stop.clone()),
+        managers::run(ManagerKind::Result, settings, db, None, stop),
+    )?;
     Ok(0)
 }
 

@@ -39,6 +39,7 @@ fn every_command_has_help_and_version_works() {
         vec!["gaps", "--help"],
         vec!["trigger", "--help"],
         vec!["trigger-manager", "--help"],
+        vec!["run", "--help"],
         vec!["workflow-manager", "--help"],
         vec!["result-manager", "--help"],
         vec!["cancel", "--help"],
@@ -405,4 +406,65 @@ async fn json_logs_carry_fields_and_no_secret_reaches_a_log_line() {
     assert_eq!(created.len(), 3, "{stderr}");
     assert_eq!(created[0]["pipeline"], "nightly");
     assert!(created[0]["run_id"].is_number() && created[0]["sub_group"].is_string());
+}
+
+#[tokio::test]
+async fn run_drives_a_pipeline_to_completion_with_the_three_managers_in_one_process() {
+    use common::lifecycle;
+    let t = common::TestDatabase::sqlite("run_all").await;
+    t.db.migrate().await.unwrap();
+    let site = lifecycle::setup_site(
+        &t.db,
+        &lifecycle::pipeline_sql(&lifecycle::command_json(&["ok"]), 1.0, 0),
+        None,
+    )
+    .await;
+    common::exec(&t.db, lifecycle::MORE_STEPS).await.unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ccat-wfm"));
+    child
+        .args(["run", "--database-url", &t.url])
+        .current_dir(site.dir.path())
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CCAT_WORKFLOW_MANAGER_") || key.starts_with("CCAT_OPS_DB_") {
+            child.env_remove(key);
+        }
+    }
+    for manager in ["TRIGGER", "WORKFLOW", "RESULT"] {
+        child.env(
+            format!("CCAT_WORKFLOW_MANAGER_{manager}_MANAGER_POLL_INTERVAL"),
+            "0.2",
+        );
+    }
+    // No heartbeat to a shared Redis: nothing listens on port 1.
+    child
+        .env("CCAT_WORKFLOW_MANAGER_REDIS_PORT", "1")
+        .env("CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR", site.base());
+    let child = child.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut all = Vec::new();
+    while std::time::Instant::now() < deadline {
+        all = lifecycle::runs(&t.db).await;
+        if all.len() == 8 && all.iter().all(|r| r.status == "COMPLETED") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(all.len(), 8, "{all:?}\n{stderr}");
+    assert!(
+        all.iter().all(|r| r.status == "COMPLETED"),
+        "{all:?}\n{stderr}"
+    );
+    assert!(out.status.success(), "{stderr}");
+    for manager in ["trigger-manager", "workflow-manager", "result-manager"] {
+        assert!(
+            stderr.contains("manager stopping") && stderr.contains(manager),
+            "{manager}: {stderr}"
+        );
+    }
 }

@@ -241,13 +241,19 @@ impl Settings {
                 max_active_jobs: r.positive_int("MAX_ACTIVE_JOBS", 500)?,
                 lease_seconds: r.seconds("LEASE_SECONDS", 300.0)?,
                 retry_backoff_seconds: r.seconds("RETRY_BACKOFF_SECONDS", 60.0)?,
+                // Work goes to the Celery workers where a Redis is configured; without one
+                // it runs in the manager (the embedded default).
                 dispatch_mode: r.choice(
                     "DISPATCH_MODE",
                     &[
                         ("inline", DispatchMode::Inline),
                         ("celery", DispatchMode::Celery),
                     ],
-                    DispatchMode::Inline,
+                    if r.get("REDIS_HOST").is_some() {
+                        DispatchMode::Celery
+                    } else {
+                        DispatchMode::Inline
+                    },
                 )?,
                 celery_global_keyprefix: r.string("CELERY_GLOBAL_KEYPREFIX", "")?,
             },
@@ -476,12 +482,28 @@ mod tests {
         assert_eq!(s.k8s_namespace, "ccat-workflows");
         assert_eq!(s.redis.port, 6379);
         assert_eq!(s.env, "localdev");
+        assert_eq!(s.workflow.dispatch_mode, DispatchMode::Inline);
+        assert_eq!(s.workflow.container_runtime, ContainerRuntime::None);
         assert_eq!(
             s.database,
             DatabaseSettings::Sqlite {
                 path: "/tmp/dev_ccat_ops_db.sqlite".into()
             }
         );
+    }
+
+    #[test]
+    fn a_configured_redis_means_celery_dispatch_unless_told_otherwise() {
+        let s = settings(&[("CCAT_WORKFLOW_MANAGER_REDIS_HOST", "redis.example")]).unwrap();
+        assert_eq!(s.workflow.dispatch_mode, DispatchMode::Celery);
+        let s = settings(&[
+            ("CCAT_WORKFLOW_MANAGER_REDIS_HOST", "redis.example"),
+            ("CCAT_WORKFLOW_MANAGER_DISPATCH_MODE", "inline"),
+        ])
+        .unwrap();
+        assert_eq!(s.workflow.dispatch_mode, DispatchMode::Inline);
+        let s = settings(&[("CCAT_WORKFLOW_MANAGER_HPC_BACKEND", "slurm")]).unwrap();
+        assert_eq!(s.workflow.container_runtime, ContainerRuntime::Apptainer);
     }
 
     #[test]

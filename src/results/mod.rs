@@ -146,49 +146,47 @@ impl<B: Backend> ResultManager<B> {
     ) -> Result<(), DbError> {
         let location = run.processing_location_id;
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let layout = RunLayout::new(
+            &self.options.pipeline_base_dir,
+            &run.pipeline_name,
+            &run.sub_group_key,
+            &run.step_name,
+            run.retry_count + 1,
+        );
+        let (found, mut problems) = collect::discover(&layout, run.is_final);
+        let collected = collect::checksum_all(found, parallelism).await;
+        problems.extend(collected.problems);
+        for problem in &problems {
+            tracing::warn!(run_id = run.id, %problem, "output not collected as it is");
+        }
+        let note = (!problems.is_empty()).then(|| {
+            format!(
+                "collected with {} problem(s): {}",
+                problems.len(),
+                problems.join("; ")
+            )
+        });
+        let products: Vec<NewProduct<'_>> = collected
+            .products
+            .iter()
+            .map(|p| NewProduct {
+                name: &p.name,
+                product_type: p.product_type,
+                relative_path: &p.relative_path,
+                full_path: &p.full_path,
+                size_bytes: p.size_bytes,
+                checksum: &p.checksum,
+                quality_metrics: p.quality_metrics.as_ref(),
+            })
+            .collect();
+        if self
+            .db
+            .register_outputs(run.id, location, &products, note.as_deref(), Utc::now())
+            .await?
         {
-            let layout = RunLayout::new(
-                &self.options.pipeline_base_dir,
-                &run.pipeline_name,
-                &run.sub_group_key,
-                &run.step_name,
-                run.retry_count + 1,
-            );
-            let (found, mut problems) = collect::discover(&layout, run.is_final);
-            let collected = collect::checksum_all(found, parallelism).await;
-            problems.extend(collected.problems);
-            for problem in &problems {
-                tracing::warn!(run_id = run.id, %problem, "output not collected as it is");
-            }
-            let note = (!problems.is_empty()).then(|| {
-                format!(
-                    "collected with {} problem(s): {}",
-                    problems.len(),
-                    problems.join("; ")
-                )
-            });
-            let products: Vec<NewProduct<'_>> = collected
-                .products
-                .iter()
-                .map(|p| NewProduct {
-                    name: &p.name,
-                    product_type: p.product_type,
-                    relative_path: &p.relative_path,
-                    full_path: &p.full_path,
-                    size_bytes: p.size_bytes,
-                    checksum: &p.checksum,
-                    quality_metrics: p.quality_metrics.as_ref(),
-                })
-                .collect();
-            if self
-                .db
-                .register_outputs(run.id, location, &products, note.as_deref(), Utc::now())
-                .await?
-            {
-                tracing::info!(run_id = run.id, products = products.len(), "run completed");
-                report.completed += 1;
-                report.products += products.len();
-            }
+            tracing::info!(run_id = run.id, products = products.len(), "run completed");
+            report.completed += 1;
+            report.products += products.len();
         }
         Ok(())
     }

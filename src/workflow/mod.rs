@@ -233,42 +233,40 @@ impl<B: Backend> WorkflowManager<B> {
         now: DateTime<Utc>,
         report: &mut WorkflowReport,
     ) -> Result<(), DbError> {
-        {
-            let span = tracing::info_span!("run", run_id = run.id, pipeline = %run.pipeline_name,
-                step = %run.step_name, sub_group = %run.sub_group_key, attempt = run.attempt());
-            match self.advance(run, now).instrument(span).await {
-                Ok(Outcome::StagingRequested) => report.staging_requested += 1,
-                Ok(Outcome::WaitingForStaging) => report.waiting_for_staging += 1,
-                Ok(Outcome::Submitted) => report.submitted += 1,
-                Ok(Outcome::Dispatched) => report.dispatched += 1,
-                Ok(Outcome::Adopted) => report.adopted += 1,
-                Ok(Outcome::LeaseLost) => {
-                    report
-                        .errors
-                        .push(format!("run {}: lease lost to another instance", run.id));
+        let span = tracing::info_span!("run", run_id = run.id, pipeline = %run.pipeline_name,
+            step = %run.step_name, sub_group = %run.sub_group_key, attempt = run.attempt());
+        match self.advance(run, now).instrument(span).await {
+            Ok(Outcome::StagingRequested) => report.staging_requested += 1,
+            Ok(Outcome::WaitingForStaging) => report.waiting_for_staging += 1,
+            Ok(Outcome::Submitted) => report.submitted += 1,
+            Ok(Outcome::Dispatched) => report.dispatched += 1,
+            Ok(Outcome::Adopted) => report.adopted += 1,
+            Ok(Outcome::LeaseLost) => {
+                report
+                    .errors
+                    .push(format!("run {}: lease lost to another instance", run.id));
+            }
+            Err(RunError::Fail(reason)) => {
+                tracing::warn!(%reason, "run failed before its job started");
+                let status = self
+                    .db
+                    .fail_run(
+                        run.id,
+                        "STAGING_DATA",
+                        &reason,
+                        &RunMetrics::default(),
+                        None,
+                        self.options.retry_backoff,
+                        Utc::now(),
+                    )
+                    .await?;
+                if status.is_some() {
+                    report.failed += 1;
                 }
-                Err(RunError::Fail(reason)) => {
-                    tracing::warn!(%reason, "run failed before its job started");
-                    let status = self
-                        .db
-                        .fail_run(
-                            run.id,
-                            "STAGING_DATA",
-                            &reason,
-                            &RunMetrics::default(),
-                            None,
-                            self.options.retry_backoff,
-                            Utc::now(),
-                        )
-                        .await?;
-                    if status.is_some() {
-                        report.failed += 1;
-                    }
-                }
-                Err(RunError::Db(e)) => {
-                    tracing::error!(error = %e, "run not advanced");
-                    report.errors.push(format!("run {}: {e}", run.id));
-                }
+            }
+            Err(RunError::Db(e)) => {
+                tracing::error!(error = %e, "run not advanced");
+                report.errors.push(format!("run {}: {e}", run.id));
             }
         }
         Ok(())
