@@ -114,6 +114,21 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArg,
     },
+    /// What is going on: runs per pipeline and state, runs in flight with their age and
+    /// job, and the latest failures with their reason.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Redraw every this many seconds until Ctrl-C.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<f64>,
+        /// Rows of active runs and of failures shown, at most.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
     /// Cancel a run: it is never collected, and its job is stopped by the result-manager.
     Cancel {
         /// The run's id.
@@ -528,6 +543,33 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Lineage { command } => lineage(&settings, command).await,
+        Command::Status {
+            json,
+            watch,
+            limit,
+            db,
+        } => {
+            let db = open_database(&settings, &db).await?;
+            let code = match watch {
+                None => status(&db, json, limit).await,
+                Some(seconds) => {
+                    let mut stop = stop_on_signals()?;
+                    loop {
+                        if !json {
+                            // Clear the screen and go home, as `watch` does.
+                            print!("\x1b[2J\x1b[H");
+                        }
+                        status(&db, json, limit).await?;
+                        tokio::select! {
+                            _ = tokio::time::sleep(std::time::Duration::from_secs_f64(seconds.max(0.1))) => {}
+                            _ = stop.changed() => break Ok(0),
+                        }
+                    }
+                }
+            };
+            db.close().await;
+            code
+        }
         Command::Run { db } => {
             let db = open_database(&settings, &db).await?;
             let code = run_all(&settings, &db).await;
@@ -775,6 +817,149 @@ async fn manager(
     }
     let stop = stop_on_signals()?;
     managers::run(kind, settings, db, None, stop).await?;
+    Ok(0)
+}
+
+/// `ccat-wfm status`: three tables, or one JSON document.
+async fn status(db: &Database, json: bool, limit: i64) -> anyhow::Result<u8> {
+    let counts = db.status_counts().await?;
+    let active = db.active_runs(limit).await?;
+    let failures = db.recent_failures(limit).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "pipelines": counts,
+                "active": active,
+                "failures": failures,
+            }))?
+        );
+        return Ok(0);
+    }
+    const STATES: [&str; 8] = [
+        "PENDING",
+        "STAGING_DATA",
+        "SUBMITTED",
+        "RUNNING",
+        "COLLECTING_RESULTS",
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+    ];
+    let mut pipelines: Vec<(String, bool, [i64; 8])> = Vec::new();
+    for c in &counts {
+        if pipelines
+            .last()
+            .is_none_or(|(name, _, _)| *name != c.pipeline)
+        {
+            pipelines.push((c.pipeline.clone(), c.enabled, [0; 8]));
+        }
+        if let Some(i) = c
+            .status
+            .as_deref()
+            .and_then(|s| STATES.iter().position(|x| *x == s))
+        {
+            pipelines.last_mut().expect("pushed above").2[i] += c.runs;
+        }
+    }
+    let mut header = vec!["PIPELINE"];
+    header.extend([
+        "PENDING",
+        "STAGING",
+        "SUBMITTED",
+        "RUNNING",
+        "COLLECTING",
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+    ]);
+    let rows: Vec<Vec<String>> = pipelines
+        .iter()
+        .map(|(name, enabled, n)| {
+            let mut row = vec![if *enabled {
+                name.clone()
+            } else {
+                format!("{name} (disabled)")
+            }];
+            row.extend(n.iter().map(i64::to_string));
+            row
+        })
+        .collect();
+    print!("{}", render_table(&header, &rows));
+    let now = Utc::now();
+    let age = |t: chrono::DateTime<Utc>| {
+        let s = (now - t).num_seconds().max(0);
+        if s < 120 {
+            format!("{s}s")
+        } else if s < 7200 {
+            format!("{}m", s / 60)
+        } else {
+            format!("{}h", s / 3600)
+        }
+    };
+    println!("\nactive runs ({}):", active.len());
+    if !active.is_empty() {
+        let rows: Vec<Vec<String>> = active
+            .iter()
+            .map(|r| {
+                vec![
+                    r.id.to_string(),
+                    r.pipeline.clone(),
+                    r.step.clone(),
+                    r.sub_group_key.clone(),
+                    r.status.clone(),
+                    age(r.updated_at),
+                    format!(
+                        "{} {}",
+                        r.hpc_backend.as_deref().unwrap_or(""),
+                        r.hpc_job_id.as_deref().unwrap_or("")
+                    )
+                    .trim()
+                    .to_owned(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render_table(
+                &[
+                    "RUN",
+                    "PIPELINE",
+                    "STEP",
+                    "SUB-GROUP",
+                    "STATUS",
+                    "AGE",
+                    "JOB"
+                ],
+                &rows
+            )
+        );
+    }
+    println!("\nrecent failures ({}):", failures.len());
+    if !failures.is_empty() {
+        let rows: Vec<Vec<String>> = failures
+            .iter()
+            .map(|r| {
+                let reason = r.error_message.as_deref().unwrap_or("").replace('\n', " ");
+                let reason: String = reason.chars().take(80).collect();
+                vec![
+                    r.id.to_string(),
+                    r.pipeline.clone(),
+                    r.step.clone(),
+                    r.sub_group_key.clone(),
+                    age(r.updated_at),
+                    reason,
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render_table(
+                &["RUN", "PIPELINE", "STEP", "SUB-GROUP", "AGO", "REASON"],
+                &rows
+            )
+        );
+    }
     Ok(0)
 }
 

@@ -40,6 +40,7 @@ fn every_command_has_help_and_version_works() {
         vec!["trigger", "--help"],
         vec!["trigger-manager", "--help"],
         vec!["run", "--help"],
+        vec!["status", "--help"],
         vec!["workflow-manager", "--help"],
         vec!["result-manager", "--help"],
         vec!["cancel", "--help"],
@@ -467,4 +468,18 @@ async fn run_drives_a_pipeline_to_completion_with_the_three_managers_in_one_proc
             "{manager}: {stderr}"
         );
     }
+
+    // What an operator sees now: eight completed runs, nothing in flight, no failure.
+    let out = wfm(&["status", "--json", "--database-url", &t.url], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        status["pipelines"],
+        serde_json::json!([{"pipeline": "calib", "enabled": true, "status": "COMPLETED", "runs": 8}])
+    );
+    assert_eq!(status["active"], serde_json::json!([]));
+    assert_eq!(status["failures"], serde_json::json!([]));
+    let out = wfm(&["status", "--database-url", &t.url], &[]);
+    let text = stdout(&out);
+    assert!(text.contains("calib") && text.contains("active runs (0)"), "{text}");
 }

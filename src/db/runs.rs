@@ -888,3 +888,75 @@ impl Database {
         .map_err(DbError::query("registering a run's outputs"))
     }
 }
+
+/// Runs of one pipeline in one status.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct StatusCount {
+    pub pipeline: String,
+    pub enabled: bool,
+    pub status: Option<String>,
+    pub runs: i64,
+}
+
+/// A run in flight, or one that failed, as `ccat-wfm status` lists it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct RunSummary {
+    pub id: i64,
+    pub pipeline: String,
+    pub step: String,
+    pub sub_group_key: String,
+    pub status: String,
+    pub hpc_backend: Option<String>,
+    pub hpc_job_id: Option<String>,
+    pub retry_count: i32,
+    pub updated_at: DateTime<Utc>,
+    pub error_message: Option<String>,
+}
+
+const RUN_SUMMARY: &str = "\
+    SELECT r.id, p.name AS pipeline, s.name AS step, r.sub_group_key, r.status, \
+           r.hpc_backend, r.hpc_job_id, r.retry_count, r.updated_at, r.error_message \
+    FROM executed_reduction_step r \
+    JOIN reduction_step s ON s.id = r.reduction_step_id \
+    JOIN pipeline p ON p.id = s.pipeline_id";
+
+impl Database {
+    /// Run counts per pipeline and status (every pipeline, even without runs).
+    pub async fn status_counts(&self) -> Result<Vec<StatusCount>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT p.name AS pipeline, p.enabled, r.status, COUNT(r.id) AS runs \
+                 FROM pipeline p \
+                 LEFT JOIN reduction_step s ON s.pipeline_id = p.id \
+                 LEFT JOIN executed_reduction_step r ON r.reduction_step_id = s.id \
+                 GROUP BY p.name, p.enabled, r.status ORDER BY p.name, r.status",
+            )
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("counting runs per pipeline"))
+    }
+
+    /// Runs in flight (staging, submitted, running, collecting), oldest change first.
+    pub async fn active_runs(&self, limit: i64) -> Result<Vec<RunSummary>, DbError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{RUN_SUMMARY} WHERE r.status IN ('STAGING_DATA', 'SUBMITTED', 'RUNNING', \
+             'COLLECTING_RESULTS') ORDER BY r.updated_at, r.id LIMIT $1"
+        ));
+        on_pool!(self, pool => {
+            sqlx::query_as(sql).bind(limit).fetch_all(pool).await
+        })
+        .map_err(DbError::query("listing active runs"))
+    }
+
+    /// The most recent failures (FAILED for good), newest first.
+    pub async fn recent_failures(&self, limit: i64) -> Result<Vec<RunSummary>, DbError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{RUN_SUMMARY} WHERE r.status = 'FAILED' ORDER BY r.updated_at DESC, r.id DESC LIMIT $1"
+        ));
+        on_pool!(self, pool => {
+            sqlx::query_as(sql).bind(limit).fetch_all(pool).await
+        })
+        .map_err(DbError::query("listing failed runs"))
+    }
+}
