@@ -129,6 +129,18 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArg,
     },
+    /// Put a FAILED or CANCELLED run back to PENDING for one more attempt now.
+    Retry {
+        /// The run's id.
+        run_id: i64,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
+    /// Look at runs.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
     /// Cancel a run: it is never collected, and its job is stopped by the result-manager.
     Cancel {
         /// The run's id.
@@ -207,6 +219,21 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RunsCommand {
+    /// Everything about one run: sub-group, software, configuration, job, metrics,
+    /// error and the tail of its log.
+    Show {
+        /// The run's id.
+        id: i64,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DatabaseArg,
     },
 }
 
@@ -569,6 +596,65 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             };
             db.close().await;
             code
+        }
+        Command::Retry { run_id, db } => {
+            let db = open_database(&settings, &db).await?;
+            let done = db.retry_run(run_id).await;
+            db.close().await;
+            if done? {
+                println!(
+                    "run {run_id} is PENDING again; the workflow-manager picks it up next cycle"
+                );
+                Ok(0)
+            } else {
+                eprintln!("error: run {run_id} does not exist or is not FAILED or CANCELLED");
+                Ok(EXIT_PROBLEM)
+            }
+        }
+        Command::Runs {
+            command: RunsCommand::Show { id, json, db },
+        } => {
+            let db = open_database(&settings, &db).await?;
+            let detail = db.run_detail(id).await;
+            db.close().await;
+            let Some(mut run) = detail? else {
+                eprintln!("error: no run with id {id}");
+                return Ok(EXIT_PROBLEM);
+            };
+            // Failures keep their log tail on the run; otherwise read the job's log.
+            if run.log_tail.is_none() {
+                let layout = crate::workflow::layout::RunLayout::new(
+                    &settings.pipeline_base_dir,
+                    &run.pipeline,
+                    &run.sub_group_key,
+                    &run.step,
+                    run.retry_count + 1,
+                );
+                run.log_tail = crate::backend::read_tail(
+                    &layout.attempt_dir().join(crate::backend::JOB_LOG),
+                    crate::results::LOG_TAIL_BYTES,
+                );
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&run)?);
+                return Ok(0);
+            }
+            let value = serde_json::to_value(&run)?;
+            let mut fields = value.as_object().cloned().unwrap_or_default();
+            let log_tail = fields.remove("log_tail");
+            let width = fields.keys().map(String::len).max().unwrap_or(0);
+            for (key, value) in &fields {
+                let shown = match value {
+                    Value::Null => continue,
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                println!("{key:<width$}  {shown}");
+            }
+            if let Some(Value::String(tail)) = log_tail {
+                println!("\nlog tail:\n{tail}");
+            }
+            Ok(0)
         }
         Command::Run { db } => {
             let db = open_database(&settings, &db).await?;

@@ -41,6 +41,8 @@ fn every_command_has_help_and_version_works() {
         vec!["trigger-manager", "--help"],
         vec!["run", "--help"],
         vec!["status", "--help"],
+        vec!["retry", "--help"],
+        vec!["runs", "show", "--help"],
         vec!["workflow-manager", "--help"],
         vec!["result-manager", "--help"],
         vec!["cancel", "--help"],
@@ -481,5 +483,58 @@ async fn run_drives_a_pipeline_to_completion_with_the_three_managers_in_one_proc
     assert_eq!(status["failures"], serde_json::json!([]));
     let out = wfm(&["status", "--database-url", &t.url], &[]);
     let text = stdout(&out);
-    assert!(text.contains("calib") && text.contains("active runs (0)"), "{text}");
+    assert!(
+        text.contains("calib") && text.contains("active runs (0)"),
+        "{text}"
+    );
+
+    // One run, in detail; a retry of a completed run is refused with exit code 1, of a
+    // failed one accepted.
+    let id = all[0].id.to_string();
+    let base = site.base().display().to_string();
+    let out = wfm(
+        &["runs", "show", &id, "--database-url", &t.url],
+        &[("CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR", base.as_str())],
+    );
+    let text = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("status") && text.contains("COMPLETED"),
+        "{text}"
+    );
+    assert!(
+        text.contains("log tail:") && text.contains("of step calibrate"),
+        "{text}"
+    );
+    let out = wfm(
+        &["runs", "show", &id, "--json", "--database-url", &t.url],
+        &[],
+    );
+    let run: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(run["exit_code"], 0);
+    assert_eq!(
+        wfm(&["runs", "show", "999", "--database-url", &t.url], &[])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        wfm(&["retry", &id, "--database-url", &t.url], &[])
+            .status
+            .code(),
+        Some(1)
+    );
+    common::exec(
+        &t.db,
+        &format!("UPDATE executed_reduction_step SET status = 'FAILED' WHERE id = {id}"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        wfm(&["retry", &id, "--database-url", &t.url], &[])
+            .status
+            .success()
+    );
+    let run = lifecycle::runs(&t.db).await.remove(0);
+    assert_eq!((run.status.as_str(), run.retry_count), ("PENDING", 1));
 }

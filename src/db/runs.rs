@@ -960,3 +960,83 @@ impl Database {
         .map_err(DbError::query("listing failed runs"))
     }
 }
+
+/// Everything about one run, as `ccat-wfm runs show` prints it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct RunDetail {
+    pub id: i64,
+    pub pipeline: String,
+    pub step: String,
+    pub sub_group_key: String,
+    pub sub_group: Json<Value>,
+    pub fingerprint: String,
+    pub status: String,
+    pub software: String,
+    pub software_version: String,
+    pub image_ref: String,
+    pub config_snapshot: Json<Value>,
+    pub excluded_upstream: Json<Value>,
+    pub hpc_backend: Option<String>,
+    pub hpc_job_id: Option<String>,
+    pub retry_count: i32,
+    pub max_retries: i32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub wall_time_seconds: Option<f64>,
+    pub cpu_hours: Option<f64>,
+    pub peak_memory_gb: Option<f64>,
+    pub error_message: Option<String>,
+    pub log_tail: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub submitted_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Database {
+    pub async fn run_detail(&self, run_id: i64) -> Result<Option<RunDetail>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT r.id, p.name AS pipeline, s.name AS step, r.sub_group_key, r.sub_group, \
+                        r.fingerprint, r.status, sw.name AS software, v.version AS software_version, \
+                        v.image_ref, r.config_snapshot, r.excluded_upstream, r.hpc_backend, \
+                        r.hpc_job_id, r.retry_count, r.max_retries, r.next_attempt_at, r.exit_code, \
+                        r.wall_time_seconds, r.cpu_hours, r.peak_memory_gb, r.error_message, \
+                        r.log_tail, r.created_at, r.submitted_at, r.started_at, r.finished_at \
+                 FROM executed_reduction_step r \
+                 JOIN reduction_step s ON s.id = r.reduction_step_id \
+                 JOIN pipeline p ON p.id = s.pipeline_id \
+                 JOIN reduction_software_version v ON v.id = r.reduction_software_version_id \
+                 JOIN reduction_software sw ON sw.id = v.reduction_software_id \
+                 WHERE r.id = $1",
+            )
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await
+        })
+        .map_err(DbError::query("reading a run"))
+    }
+
+    /// An operator's retry: a FAILED or CANCELLED run goes back to PENDING for one more
+    /// attempt now, whatever its retries so far.
+    pub async fn retry_run(&self, run_id: i64) -> Result<bool, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE executed_reduction_step SET status = 'PENDING', \
+                 retry_count = retry_count + 1, \
+                 max_retries = CASE WHEN max_retries < retry_count + 1 THEN retry_count + 1 \
+                                    ELSE max_retries END, \
+                 next_attempt_at = NULL, hpc_job_id = NULL, submitted_at = NULL, \
+                 started_at = NULL, finished_at = NULL, error_message = NULL, \
+                 lease_owner = NULL, lease_expires_at = NULL, updated_at = $2 \
+                 WHERE id = $1 AND status IN ('FAILED', 'CANCELLED')",
+            )
+            .bind(run_id)
+            .bind(Utc::now())
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected() == 1)
+        })
+        .map_err(DbError::query("retrying a run"))
+    }
+}
