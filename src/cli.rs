@@ -129,6 +129,25 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArg,
     },
+    /// Create or update software versions, groupings, pipelines and steps from a TOML
+    /// file (pipelines as code; see examples/). Idempotent; everything is validated first.
+    Apply {
+        /// The definitions file.
+        file: PathBuf,
+        /// Show what would change and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
+    /// Write the current definitions in the format `apply` reads.
+    Export {
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
     /// Put a FAILED or CANCELLED run back to PENDING for one more attempt now.
     Retry {
         /// The run's id.
@@ -597,6 +616,39 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             db.close().await;
             code
         }
+        Command::Apply { file, dry_run, db } => {
+            let shown = file.display().to_string();
+            let text = match std::fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("error: cannot read {shown}: {e}");
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            let definitions = match crate::definitions::Definitions::parse(&shown, &text) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(EXIT_PROBLEM);
+                }
+            };
+            let db = open_database(&settings, &db).await?;
+            let code = apply(&db, &shown, &definitions, dry_run).await;
+            db.close().await;
+            code
+        }
+        Command::Export { output, db } => {
+            let db = open_database(&settings, &db).await?;
+            let definitions = db.export_definitions().await;
+            db.close().await;
+            let text = definitions?.to_toml();
+            match output {
+                None => print!("{text}"),
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+            }
+            Ok(0)
+        }
         Command::Retry { run_id, db } => {
             let db = open_database(&settings, &db).await?;
             let done = db.retry_run(run_id).await;
@@ -1045,6 +1097,42 @@ async fn status(db: &Database, json: bool, limit: i64) -> anyhow::Result<u8> {
                 &rows
             )
         );
+    }
+    Ok(0)
+}
+
+/// `ccat-wfm apply`: validate, show the changes, write them in one transaction.
+async fn apply(
+    db: &Database,
+    file: &str,
+    definitions: &crate::definitions::Definitions,
+    dry_run: bool,
+) -> anyhow::Result<u8> {
+    let known = db.known_definitions().await?;
+    let errors = definitions.validate(file, &known);
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("error: {e}");
+        }
+        eprintln!("nothing written: {} problem(s)", errors.len());
+        return Ok(EXIT_PROBLEM);
+    }
+    let current = db.export_definitions().await?;
+    let changes = crate::definitions::diff(&current, definitions);
+    for c in &changes {
+        if c.fields.is_empty() {
+            println!("{} {}", c.action, c.entry);
+        } else {
+            println!("{} {} ({})", c.action, c.entry, c.fields.join(", "));
+        }
+    }
+    if changes.is_empty() {
+        println!("{file}: nothing to change");
+    } else if dry_run {
+        println!("dry run: {} change(s), nothing written", changes.len());
+    } else {
+        db.apply_definitions(definitions).await?;
+        println!("{file}: applied {} change(s)", changes.len());
     }
     Ok(0)
 }

@@ -9,6 +9,7 @@ pub mod celery;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod definitions;
 pub mod dispatch;
 pub mod filter;
 pub mod health;

@@ -7,6 +7,7 @@
 //! against whichever pool is in use, so each call site is monomorphised for both drivers.
 
 pub mod changes;
+pub mod definitions;
 pub mod filter_sql;
 pub mod lineage;
 pub mod outbox;

@@ -118,7 +118,10 @@ def test_workflow_and_result_managers_run_jobs_to_their_end(database, tmp_path, 
 
 
 LOOP_SCRIPT = """
-import logging, sys
+import logging, signal, sys
+# Python leaves SIGINT ignored when it starts with it ignored (a background job of a
+# non-interactive shell, as CI may be); a user's terminal has the default handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
 from ccat_workflow_manager.config import make_settings
 from ccat_workflow_manager.managers import run_manager

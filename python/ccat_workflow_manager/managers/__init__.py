@@ -20,6 +20,7 @@ def run_manager(name: str, settings: Dynaconf | None = None) -> None:
     through Python's :mod:`logging` (loggers named after the Rust modules, e.g.
     ``ccat_workflow_manager.managers``). On Ctrl-C (or any signal whose Python handler
     raises) the current cycle finishes, the heartbeat is removed, and the exception is
-    raised here.
+    raised here. To stop the same way on SIGTERM (a container's stop), install a handler
+    that raises, e.g. ``signal.signal(signal.SIGTERM, signal.default_int_handler)``.
     """
     _core.run_manager(name, to_rust(settings))
