@@ -29,14 +29,35 @@ fn slurm_conf() -> String {
     )
 }
 
+/// How the wrapped `sbatch` misbehaves after submitting for real.
+#[derive(Clone, Copy, PartialEq)]
+enum Sbatch {
+    Honest,
+    /// Kills its caller (the manager) once the job is submitted.
+    KillsCaller,
+    /// Prints something that is not a job id.
+    Garbles,
+}
+
 /// A directory of wrappers around the real SLURM commands: each appends its name to
 /// `calls.log` and runs the real one with the test cluster's configuration. With
 /// `kill_after_sbatch`, sbatch kills its caller once the job is submitted.
 fn wrappers(dir: &Path, kill_after_sbatch: bool) -> PathBuf {
-    let bin = dir.join(if kill_after_sbatch {
-        "bin-crash"
-    } else {
-        "bin"
+    wrappers_with(
+        dir,
+        if kill_after_sbatch {
+            Sbatch::KillsCaller
+        } else {
+            Sbatch::Honest
+        },
+    )
+}
+
+fn wrappers_with(dir: &Path, sbatch: Sbatch) -> PathBuf {
+    let bin = dir.join(match sbatch {
+        Sbatch::Honest => "bin",
+        Sbatch::KillsCaller => "bin-crash",
+        Sbatch::Garbles => "bin-garble",
     });
     std::fs::create_dir_all(&bin).unwrap();
     let log = dir.join("calls.log");
@@ -47,10 +68,14 @@ fn wrappers(dir: &Path, kill_after_sbatch: bool) -> PathBuf {
             .unwrap();
         let real = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         assert!(!real.is_empty(), "{name} is not installed");
-        let run = if name == "sbatch" && kill_after_sbatch {
-            format!("out=$({real} \"$@\") || exit $?\necho \"$out\"\nkill -9 $PPID\n")
-        } else {
-            format!("exec {real} \"$@\"\n")
+        let run = match (name, sbatch) {
+            ("sbatch", Sbatch::KillsCaller) => {
+                format!("out=$({real} \"$@\") || exit $?\necho \"$out\"\nkill -9 $PPID\n")
+            }
+            ("sbatch", Sbatch::Garbles) => {
+                format!("{real} \"$@\" >/dev/null || exit $?\necho 'Submitted, probably'\n")
+            }
+            _ => format!("exec {real} \"$@\"\n"),
         };
         let script = format!(
             "#!/bin/sh\necho {name} >> '{}'\nSLURM_CONF='{}'\nexport SLURM_CONF\n{run}",
@@ -431,4 +456,45 @@ async fn a_three_step_pipeline_runs_on_slurm_with_products_and_lineage() {
     }
     packages.sort();
     assert_eq!(packages, [1, 2, 3, 4], "every CHAI package reaches a map");
+}
+
+#[tokio::test]
+async fn an_unreadable_sbatch_answer_is_settled_by_the_tag_not_by_a_second_job() {
+    let (t, site) = setup("slurm_garble", &["sleep", "30"], 1.0, 0).await;
+    insert_runs(&t.db, 1).await;
+    let garbling = SlurmBackend {
+        bin_dir: wrappers_with(site.dir.path(), Sbatch::Garbles),
+        ..Default::default()
+    };
+    // One lease owner for both instances below, as for two cycles of one manager.
+    let wm = WorkflowManager::for_process(t.db.clone(), garbling, site.options(StagingMode::Local));
+    let report = wm.cycle(Utc::now()).await.unwrap();
+    assert_eq!((report.submitted, report.failed), (0, 0), "{report:?}");
+    assert!(report.errors[0].contains("no job id"), "{report:?}");
+    let run = &runs(&t.db).await[0];
+    assert_eq!(
+        (run.status.as_str(), run.hpc_job_id.as_deref()),
+        ("STAGING_DATA", None)
+    );
+    // The next cycle looks the job up by its tag and records it: one job, never two.
+    let wm = WorkflowManager::for_process(
+        t.db.clone(),
+        backend(&site),
+        site.options(StagingMode::Local),
+    );
+    take_calls(site.dir.path());
+    let report = wm.cycle(Utc::now()).await.unwrap();
+    assert_eq!((report.adopted, report.submitted), (1, 0), "{report:?}");
+    assert_eq!(take_calls(site.dir.path()).get("sbatch"), None);
+    let tag = wm.job_tag(run.id, 1);
+    let jobs = jobs_named(&site, &tag);
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(
+        runs(&t.db).await[0].hpc_job_id.as_deref(),
+        Some(jobs[0].as_str())
+    );
+    Command::new(wrappers(site.dir.path(), false).join("scancel"))
+        .arg(&jobs[0])
+        .status()
+        .unwrap();
 }

@@ -30,13 +30,28 @@ pub enum BackendError {
         status: String,
         stderr: String,
     },
+    #[error("{command}: no answer within {seconds} s")]
+    Timeout { command: String, seconds: u64 },
     #[error("{0}")]
     Unsupported(String),
+    /// The job cannot be expressed for this backend (checked before submitting).
+    #[error("{0}")]
+    Invalid(String),
     #[error("{command} answered something unexpected: {detail}")]
     Parse { command: String, detail: String },
 }
 
 impl BackendError {
+    /// Whether the backend certainly refused (a job was not created): the run can fail.
+    /// Otherwise (no answer, an answer we could not read) a job may exist, and the run
+    /// is looked up by its tag next cycle before anything is submitted again.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(
+            self,
+            BackendError::Timeout { .. } | BackendError::Parse { .. }
+        )
+    }
+
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
         let what = what.into();
         move |source| BackendError::Io { what, source }

@@ -71,10 +71,9 @@ impl SlurmBackend {
                 .output(),
         )
         .await
-        .map_err(|_| BackendError::Command {
+        .map_err(|_| BackendError::Timeout {
             command: shown.clone(),
-            status: format!("no answer within {} s", COMMAND_TIMEOUT.as_secs()),
-            stderr: String::new(),
+            seconds: COMMAND_TIMEOUT.as_secs(),
         })?
         .map_err(BackendError::io(format!("running {}", program.display())))?;
         if !output.status.success() {
@@ -334,10 +333,7 @@ impl Backend for SlurmBackend {
 
     async fn submit(&self, spec: &JobSpec) -> Result<String, BackendError> {
         let script_path = spec.attempt_dir.join(SCRIPT);
-        let script = batch_script(spec).map_err(|detail| BackendError::Parse {
-            command: "building the batch script".into(),
-            detail,
-        })?;
+        let script = batch_script(spec).map_err(BackendError::Invalid)?;
         std::fs::write(&script_path, script).map_err(BackendError::io(format!(
             "writing {}",
             script_path.display()

@@ -91,6 +91,10 @@ enum RunError {
     /// The run fails with this reason (retried per its `max_retries`).
     #[error("{0}")]
     Fail(String),
+    /// Not the run's fault and maybe not final (the backend did not answer): the run
+    /// stays as it is and the next cycle tries again.
+    #[error("{0}")]
+    Transient(String),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -268,6 +272,10 @@ impl<B: Backend> WorkflowManager<B> {
                 tracing::error!(error = %e, "run not advanced");
                 report.errors.push(format!("run {}: {e}", run.id));
             }
+            Err(RunError::Transient(reason)) => {
+                tracing::warn!(%reason, "run not advanced; trying again next cycle");
+                report.errors.push(format!("run {}: {reason}", run.id));
+            }
         }
         Ok(())
     }
@@ -308,7 +316,7 @@ impl<B: Backend> WorkflowManager<B> {
                 .backend
                 .find(&tag, &layout.attempt_dir())
                 .await
-                .map_err(|e| RunError::Fail(format!("looking for job {tag} failed: {e}")))?;
+                .map_err(|e| RunError::Transient(format!("looking for job {tag} failed: {e}")))?;
             if let Some(job_id) = found {
                 tracing::warn!(%job_id, %tag, "adopting a job submitted before a crash");
                 return Ok(
@@ -359,7 +367,14 @@ impl<B: Backend> WorkflowManager<B> {
             return Ok(Outcome::LeaseLost);
         }
         let job_id = self.backend.submit(&spec).await.map_err(|e| {
-            RunError::Fail(format!("submission to {} failed: {e}", self.backend.name()))
+            let reason = format!("submission to {} failed: {e}", self.backend.name());
+            // With the intent recorded, an unclear outcome is settled next cycle by
+            // looking the job up by its tag.
+            if e.is_refusal() {
+                RunError::Fail(reason)
+            } else {
+                RunError::Transient(reason)
+            }
         })?;
         tracing::info!(%job_id, %tag, backend = self.backend.name(), "job submitted");
         if self
