@@ -148,6 +148,21 @@ enum Command {
         #[command(flatten)]
         db: DatabaseArg,
     },
+    /// Let a pipeline create and run work again.
+    Enable {
+        /// The pipeline's name.
+        pipeline: String,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
+    /// Stop a pipeline from creating new runs and from having pending ones claimed
+    /// (runs already submitted finish).
+    Disable {
+        /// The pipeline's name.
+        pipeline: String,
+        #[command(flatten)]
+        db: DatabaseArg,
+    },
     /// Put a FAILED or CANCELLED run back to PENDING for one more attempt now.
     Retry {
         /// The run's id.
@@ -649,6 +664,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Command::Enable { pipeline, db } => set_enabled(&settings, &db, &pipeline, true).await,
+        Command::Disable { pipeline, db } => set_enabled(&settings, &db, &pipeline, false).await,
         Command::Retry { run_id, db } => {
             let db = open_database(&settings, &db).await?;
             let done = db.retry_run(run_id).await;
@@ -1135,6 +1152,26 @@ async fn apply(
         println!("{file}: applied {} change(s)", changes.len());
     }
     Ok(0)
+}
+
+/// `ccat-wfm enable` / `disable`.
+async fn set_enabled(
+    settings: &Settings,
+    db: &DatabaseArg,
+    pipeline: &str,
+    enabled: bool,
+) -> anyhow::Result<u8> {
+    let db = open_database(settings, db).await?;
+    let done = db.set_pipeline_enabled(pipeline, enabled).await;
+    db.close().await;
+    if done? {
+        let state = if enabled { "enabled" } else { "disabled" };
+        println!("pipeline {pipeline:?} {state}");
+        Ok(0)
+    } else {
+        eprintln!("error: no pipeline named {pipeline:?}");
+        Ok(EXIT_PROBLEM)
+    }
 }
 
 /// The three manager loops in one process, stopped together.

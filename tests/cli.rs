@@ -42,6 +42,8 @@ fn every_command_has_help_and_version_works() {
         vec!["run", "--help"],
         vec!["status", "--help"],
         vec!["retry", "--help"],
+        vec!["enable", "--help"],
+        vec!["disable", "--help"],
         vec!["runs", "show", "--help"],
         vec!["workflow-manager", "--help"],
         vec!["result-manager", "--help"],
@@ -537,4 +539,14 @@ async fn run_drives_a_pipeline_to_completion_with_the_three_managers_in_one_proc
     );
     let run = lifecycle::runs(&t.db).await.remove(0);
     assert_eq!((run.status.as_str(), run.retry_count), ("PENDING", 1));
+
+    // Disable and enable by name; an unknown name is exit 1.
+    let disabled = wfm(&["disable", "calib", "--database-url", &t.url], &[]);
+    assert!(disabled.status.success(), "{disabled:?}");
+    let out = wfm(&["status", "--database-url", &t.url], &[]);
+    assert!(stdout(&out).contains("calib (disabled)"), "{out:?}");
+    let enabled = wfm(&["enable", "calib", "--database-url", &t.url], &[]);
+    assert!(enabled.status.success(), "{enabled:?}");
+    let unknown = wfm(&["enable", "nope", "--database-url", &t.url], &[]);
+    assert_eq!(unknown.status.code(), Some(1));
 }

@@ -1040,3 +1040,19 @@ impl Database {
         .map_err(DbError::query("retrying a run"))
     }
 }
+
+impl Database {
+    /// Enables or disables a pipeline by name; false when there is no such pipeline.
+    pub async fn set_pipeline_enabled(&self, name: &str, enabled: bool) -> Result<bool, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query("UPDATE pipeline SET enabled = $2, updated_at = $3 WHERE name = $1")
+                .bind(name)
+                .bind(enabled)
+                .bind(Utc::now())
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected() == 1)
+        })
+        .map_err(DbError::query("enabling or disabling a pipeline"))
+    }
+}
