@@ -221,8 +221,10 @@ VALUES (2, 1, 'baseline', 1, 1, 1, 'EXACT', '["executed_obs_unit"]', 0, 0),
 INSERT INTO reduction_step_dependency (reduction_step_id, depends_on_step_id) VALUES (2, 1), (3, 2);
 "#;
 
-/// Trigger, workflow and result cycles until every run is COMPLETED and no new run
-/// appears (or `timeout` passes).
+/// Trigger, workflow and result cycles until every run is COMPLETED and a trigger cycle
+/// after that creates nothing (or `timeout` passes). The check runs after the runs
+/// completed: a step whose upstream completed during a cycle gets its runs only from the
+/// next trigger cycle.
 pub async fn drive<B: Backend>(
     db: &Database,
     wm: &ccat_workflow_manager::workflow::WorkflowManager<B>,
@@ -231,16 +233,16 @@ pub async fn drive<B: Backend>(
 ) {
     let deadline = Instant::now() + timeout;
     loop {
+        let all = runs(db).await;
+        let settled = !all.is_empty() && all.iter().all(|r| r.status == "COMPLETED");
         let created = create_runs(db).await;
+        if settled && created == 0 || Instant::now() > deadline {
+            return;
+        }
         let report = wm.cycle(Utc::now()).await.unwrap();
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         let report = rm.cycle(Utc::now()).await.unwrap();
         assert!(report.errors.is_empty(), "{:?}", report.errors);
-        let all = runs(db).await;
-        if created == 0 && all.iter().all(|r| r.status == "COMPLETED") || Instant::now() > deadline
-        {
-            return;
-        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
