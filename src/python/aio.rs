@@ -3,7 +3,6 @@
 //! runs on pyo3-async-runtimes' tokio runtime, so the event loop is never blocked.
 
 use pyo3::prelude::*;
-use serde_json::Value;
 
 use super::{PySettings, WorkflowManagerError, backend_for, database_error, publisher_for};
 use crate::config::Settings;
@@ -134,18 +133,9 @@ pub fn product_lineage<'py>(
     settings: &PySettings,
     product_id: i64,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let settings = settings.inner.clone();
-    let lineage = py.detach(|| {
-        super::runtime().block_on(async move {
-            let db = Database::connect(&settings.database).await?;
-            let lineage = db.product_lineage(product_id).await;
-            db.close().await;
-            lineage
-        })
-    });
-    let value = serde_json::to_value(lineage.map_err(database_error)?)
-        .map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
-    super::to_python(py, &value)
+    super::blocking(py, settings.inner.clone(), move |db| async move {
+        db.product_lineage(product_id).await
+    })
 }
 
 #[pyfunction]
@@ -154,18 +144,9 @@ pub fn derived_products<'py>(
     settings: &PySettings,
     package_id: i64,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let settings = settings.inner.clone();
-    let products = py.detach(|| {
-        super::runtime().block_on(async move {
-            let db = Database::connect(&settings.database).await?;
-            let products = db.derived_products(package_id).await;
-            db.close().await;
-            products
-        })
-    });
-    let value: Value = serde_json::to_value(products.map_err(database_error)?)
-        .map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
-    super::to_python(py, &value)
+    super::blocking(py, settings.inner.clone(), move |db| async move {
+        db.derived_products(package_id).await
+    })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

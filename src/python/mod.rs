@@ -177,8 +177,7 @@ fn dynaconf_values<'py>(
     Ok((to_python(py, &Value::Object(loaded.values))?, loaded.files))
 }
 
-/// Runs one trigger-manager cycle and returns its report as a dict. The connection is
-/// opened for the call, so it is safe in forked workers.
+/// Runs one trigger-manager cycle and returns its report as a dict.
 #[pyfunction]
 #[pyo3(signature = (settings, dry_run=false))]
 fn process_triggers<'py>(
@@ -186,22 +185,10 @@ fn process_triggers<'py>(
     settings: &PySettings,
     dry_run: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    // Inside Python, Rust's log events go to Python's logging.
-    logging::install();
-    let settings = settings.inner.clone();
-    let report = py.detach(|| {
-        runtime().block_on(async move {
-            let db = crate::db::Database::connect(&settings.database).await?;
-            let options = crate::trigger::TriggerOptions::from_settings(&settings, dry_run);
-            let report = crate::trigger::run_cycle(&db, &options, chrono::Utc::now()).await;
-            db.close().await;
-            report
-        })
-    });
-    let report = report.map_err(database_error)?;
-    let value =
-        serde_json::to_value(&report).map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
-    to_python(py, &value)
+    let options = crate::trigger::TriggerOptions::from_settings(&settings.inner, dry_run);
+    blocking(py, settings.inner.clone(), |db| async move {
+        crate::trigger::run_cycle(&db, &options, chrono::Utc::now()).await
+    })
 }
 
 /// The local backend's job wrapper, run by this interpreter (`sys.executable`).
@@ -228,14 +215,32 @@ fn publisher_for(settings: &config::Settings) -> PyResult<Option<crate::dispatch
         .map_err(|e| ConfigurationError::new_err(format!("the Redis settings: {e}")))
 }
 
-/// Errors of one manager cycle: the database's, or a report that cannot be converted.
-fn report_to_python<'py, T: serde::Serialize>(
+/// Runs `work` against a fresh connection to the configured database with the GIL
+/// released, and returns its result as Python data: the body of every one-call entry
+/// point (`aio::awaitable` is its asyncio twin). Connections are opened per call, so the
+/// entry points are safe in forked workers.
+fn blocking<'py, F, Fut, T>(
     py: Python<'py>,
-    report: Result<T, crate::db::DbError>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let report = report.map_err(database_error)?;
-    let value =
-        serde_json::to_value(&report).map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
+    settings: config::Settings,
+    work: F,
+) -> PyResult<Bound<'py, PyAny>>
+where
+    F: FnOnce(crate::db::Database) -> Fut + Send,
+    Fut: std::future::Future<Output = Result<T, crate::db::DbError>> + Send,
+    T: serde::Serialize + Send,
+{
+    // Inside Python, Rust's log events go to Python's logging.
+    logging::install();
+    let result = py.detach(|| {
+        runtime().block_on(async move {
+            let db = crate::db::Database::connect(&settings.database).await?;
+            let result = work(db.clone()).await;
+            db.close().await;
+            result
+        })
+    });
+    let value = serde_json::to_value(result.map_err(database_error)?)
+        .map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
     to_python(py, &value)
 }
 
@@ -245,57 +250,35 @@ fn process_pending_runs<'py>(
     py: Python<'py>,
     settings: &PySettings,
 ) -> PyResult<Bound<'py, PyAny>> {
-    // Inside Python, Rust's log events go to Python's logging.
-    logging::install();
-    let settings = settings.inner.clone();
-    let backend = backend_for(py, &settings)?;
-    let publisher = publisher_for(&settings)?;
-    let report = py.detach(|| {
-        runtime().block_on(async move {
-            let db = crate::db::Database::connect(&settings.database).await?;
-            // One lease owner for every call of this process: runs waiting for staging
-            // are picked up again by the next call, not after their lease expires.
-            let manager = crate::workflow::WorkflowManager::for_process(
-                db.clone(),
-                backend,
-                crate::workflow::WorkflowOptions::from_settings(&settings),
-            )
-            .with_publisher(publisher);
-            let report = manager.cycle(chrono::Utc::now()).await;
-            db.close().await;
-            report
-        })
-    });
-    report_to_python(py, report)
+    let backend = backend_for(py, &settings.inner)?;
+    let publisher = publisher_for(&settings.inner)?;
+    let options = crate::workflow::WorkflowOptions::from_settings(&settings.inner);
+    blocking(py, settings.inner.clone(), |db| async move {
+        // One lease owner for every call of this process: runs waiting for staging
+        // are picked up again by the next call, not after their lease expires.
+        crate::workflow::WorkflowManager::for_process(db, backend, options)
+            .with_publisher(publisher)
+            .cycle(chrono::Utc::now())
+            .await
+    })
 }
 
-/// Runs one result-manager cycle (job status, failures and retries, cancellations) and
-/// returns its report.
+/// Runs one result-manager cycle (job status, failures and retries, cancellations,
+/// collection) and returns its report.
 #[pyfunction]
 fn process_running_steps<'py>(
     py: Python<'py>,
     settings: &PySettings,
 ) -> PyResult<Bound<'py, PyAny>> {
-    // Inside Python, Rust's log events go to Python's logging.
-    logging::install();
-    let settings = settings.inner.clone();
-    let backend = backend_for(py, &settings)?;
-    let publisher = publisher_for(&settings)?;
-    let report = py.detach(|| {
-        runtime().block_on(async move {
-            let db = crate::db::Database::connect(&settings.database).await?;
-            let manager = crate::results::ResultManager::new(
-                db.clone(),
-                backend,
-                crate::results::ResultOptions::from_settings(&settings),
-            )
-            .with_publisher(publisher);
-            let report = manager.cycle(chrono::Utc::now()).await;
-            db.close().await;
-            report
-        })
-    });
-    report_to_python(py, report)
+    let backend = backend_for(py, &settings.inner)?;
+    let publisher = publisher_for(&settings.inner)?;
+    let options = crate::results::ResultOptions::from_settings(&settings.inner);
+    blocking(py, settings.inner.clone(), |db| async move {
+        crate::results::ResultManager::new(db, backend, options)
+            .with_publisher(publisher)
+            .cycle(chrono::Utc::now())
+            .await
+    })
 }
 
 /// A run's job as the workflow-manager would submit it now: `argv`, `env`, `workdir`,
@@ -346,23 +329,13 @@ fn submit_run<'py>(
     settings: &PySettings,
     run_id: i64,
 ) -> PyResult<Bound<'py, PyAny>> {
-    logging::install();
-    let settings = settings.inner.clone();
-    let backend = backend_for(py, &settings)?;
-    let report = py.detach(|| {
-        runtime().block_on(async move {
-            let db = crate::db::Database::connect(&settings.database).await?;
-            let manager = crate::workflow::WorkflowManager::for_process(
-                db.clone(),
-                backend,
-                crate::workflow::WorkflowOptions::from_settings(&settings),
-            );
-            let report = manager.submit_handed_off(run_id, chrono::Utc::now()).await;
-            db.close().await;
-            report
-        })
-    });
-    report_to_python(py, report)
+    let backend = backend_for(py, &settings.inner)?;
+    let options = crate::workflow::WorkflowOptions::from_settings(&settings.inner);
+    blocking(py, settings.inner.clone(), move |db| async move {
+        crate::workflow::WorkflowManager::for_process(db, backend, options)
+            .submit_handed_off(run_id, chrono::Utc::now())
+            .await
+    })
 }
 
 /// A Celery worker's part of a collection hand-off: registers the run's outputs.
@@ -372,23 +345,13 @@ fn collect_run<'py>(
     settings: &PySettings,
     run_id: i64,
 ) -> PyResult<Bound<'py, PyAny>> {
-    logging::install();
-    let settings = settings.inner.clone();
-    let backend = backend_for(py, &settings)?;
-    let report = py.detach(|| {
-        runtime().block_on(async move {
-            let db = crate::db::Database::connect(&settings.database).await?;
-            let manager = crate::results::ResultManager::new(
-                db.clone(),
-                backend,
-                crate::results::ResultOptions::from_settings(&settings),
-            );
-            let report = manager.collect_handed_off(run_id).await;
-            db.close().await;
-            report
-        })
-    });
-    report_to_python(py, report)
+    let backend = backend_for(py, &settings.inner)?;
+    let options = crate::results::ResultOptions::from_settings(&settings.inner);
+    blocking(py, settings.inner.clone(), move |db| async move {
+        crate::results::ResultManager::new(db, backend, options)
+            .collect_handed_off(run_id)
+            .await
+    })
 }
 
 /// A service's Redis heartbeat (`health:workflow:<service>`, TTL 90 s, refreshed every
