@@ -15,6 +15,7 @@ pub mod filter;
 pub mod health;
 pub mod logging;
 pub mod managers;
+pub mod metrics;
 pub mod results;
 pub mod trigger;
 pub mod workflow;

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use crate::config::Settings;
 use crate::db::Database;
 use crate::health::ManagerHeartbeat;
+use crate::metrics;
 use crate::trigger::{self, TriggerOptions};
 
 /// Which manager a loop runs.
@@ -87,6 +88,9 @@ pub async fn run(
                     duration_ms = started.elapsed().as_millis() as u64,
                     "trigger cycle done"
                 );
+                for p in &report.pipelines {
+                    metrics::count_runs(metrics::RUNS_CREATED, &p.pipeline, p.created as u64);
+                }
                 Ok(CycleOutcome {
                     items: report.created() as u64,
                     error: report.errors.first().cloned(),
@@ -117,6 +121,9 @@ pub async fn run(
                     duration_ms = started.elapsed().as_millis() as u64,
                     "workflow cycle done"
                 );
+                if let Some(dispatch) = &report.dispatch {
+                    metrics::record_dispatch(service, dispatch);
+                }
                 Ok(CycleOutcome {
                     items: report.handled(),
                     error: report.errors.first().cloned(),
@@ -148,6 +155,9 @@ pub async fn run(
                     duration_ms = started.elapsed().as_millis() as u64,
                     "result cycle done"
                 );
+                if let Some(dispatch) = &report.dispatch {
+                    metrics::record_dispatch(service, dispatch);
+                }
                 Ok(CycleOutcome {
                     items: report.handled(),
                     error: report.errors.first().cloned(),
@@ -161,7 +171,7 @@ pub async fn run(
 /// The poll–work–sleep loop with its heartbeat.
 async fn run_loop<F, Fut>(
     settings: &Settings,
-    service: &str,
+    service: &'static str,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
     mut cycle: F,
@@ -178,7 +188,14 @@ where
     );
     loop {
         heartbeat.reporter.cycle_started();
-        match cycle().await {
+        let started = Instant::now();
+        let outcome = cycle().await;
+        metrics::record_cycle(
+            service,
+            started.elapsed().as_secs_f64(),
+            !matches!(outcome, Ok(CycleOutcome { error: None, .. })),
+        );
+        match outcome {
             Ok(outcome) => heartbeat
                 .reporter
                 .cycle_finished(outcome.items, outcome.error),

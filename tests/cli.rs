@@ -41,6 +41,7 @@ fn every_command_has_help_and_version_works() {
         vec!["trigger-manager", "--help"],
         vec!["run", "--help"],
         vec!["status", "--help"],
+        vec!["demo", "--help"],
         vec!["retry", "--help"],
         vec!["enable", "--help"],
         vec!["disable", "--help"],
@@ -425,9 +426,11 @@ async fn run_drives_a_pipeline_to_completion_with_the_three_managers_in_one_proc
     )
     .await;
     common::exec(&t.db, lifecycle::MORE_STEPS).await.unwrap();
+    let metrics_address = free_local_address();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ccat-wfm"));
     child
         .args(["run", "--database-url", &t.url])
+        .args(["--metrics-address", &metrics_address])
         .current_dir(site.dir.path())
         .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::piped());
@@ -456,10 +459,60 @@ async fn run_drives_a_pipeline_to_completion_with_the_three_managers_in_one_proc
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    // The metrics endpoint counted every run of the pipeline through each stage, the
+    // backend's calls and the cycles; /healthz finds all three loops healthy.
+    // (The counter moves just after the run's COMPLETED is committed.)
+    let mut scraped = http_get(&metrics_address, "/metrics");
+    let series = "ccat_wfm_runs_completed_total{pipeline=\"calib\"}";
+    while sample(&scraped.1, series) != Some(8.0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        scraped = http_get(&metrics_address, "/metrics");
+    }
+    let (code, metrics) = scraped;
+    let (health_code, health) = http_get(&metrics_address, "/healthz");
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 200, "{metrics}\n{stderr}");
+    for name in ["created", "claimed", "submitted", "completed"] {
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("ccat_wfm_runs_{name}_total{{pipeline=\"calib\"}}")
+            ),
+            Some(8.0),
+            "{name}:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        sample(&metrics, "ccat_wfm_runs_failed_total{pipeline=\"calib\"}"),
+        None
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "ccat_wfm_backend_calls_total{backend=\"local\",operation=\"submit\"}"
+        ),
+        Some(8.0),
+        "{metrics}"
+    );
+    for manager in ["trigger-manager", "workflow-manager", "result-manager"] {
+        let cycles = sample(
+            &metrics,
+            &format!("ccat_wfm_cycles_total{{manager=\"{manager}\"}}"),
+        );
+        assert!(cycles.is_some_and(|n| n >= 1.0), "{manager}: {metrics}");
+        let durations = sample(
+            &metrics,
+            &format!("ccat_wfm_cycle_duration_seconds_count{{manager=\"{manager}\"}}"),
+        );
+        assert_eq!(durations, cycles, "{manager}: {metrics}");
+    }
+    assert_eq!(health_code, 200, "{health}");
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["healthy"], true);
+    assert_eq!(health["services"].as_array().map(Vec::len), Some(3));
     assert_eq!(all.len(), 8, "{all:?}\n{stderr}");
     assert!(
         all.iter().all(|r| r.status == "COMPLETED"),
@@ -549,4 +602,101 @@ async fn run_drives_a_pipeline_to_completion_with_the_three_managers_in_one_proc
     assert!(enabled.status.success(), "{enabled:?}");
     let unknown = wfm(&["enable", "nope", "--database-url", &t.url], &[]);
     assert_eq!(unknown.status.code(), Some(1));
+
+    // A forced rerun of one step: `trigger` records the request, the next trigger cycle
+    // creates the runs; one of them is cancelled (twice: the second is refused), then
+    // retried.
+    let unknown = wfm(&["trigger", "nope", "--database-url", &t.url], &[]);
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    let out = wfm(
+        &[
+            "trigger",
+            "calib",
+            "--step",
+            "map",
+            "--force",
+            "--database-url",
+            &t.url,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = wfm(
+        &["trigger-manager", "--once", "--database-url", &t.url],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(
+        report["pipelines"][0]["created"].as_u64() >= Some(1),
+        "{report}"
+    );
+    let forced = lifecycle::runs(&t.db).await.into_iter().last().unwrap();
+    assert_eq!(forced.status, "PENDING");
+    let forced_id = forced.id.to_string();
+    let out = wfm(&["cancel", &forced_id, "--database-url", &t.url], &[]);
+    assert!(
+        out.status.success() && stdout(&out).contains("cancelled"),
+        "{out:?}"
+    );
+    let again = wfm(&["cancel", &forced_id, "--database-url", &t.url], &[]);
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    let out = wfm(&["status", "--json", "--database-url", &t.url], &[]);
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(
+        status["pipelines"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!({"pipeline": "calib", "enabled": true, "status": "CANCELLED", "runs": 1})),
+        "{status}"
+    );
+    let out = wfm(&["retry", &forced_id, "--database-url", &t.url], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let out = wfm(
+        &[
+            "runs",
+            "show",
+            &forced_id,
+            "--json",
+            "--database-url",
+            &t.url,
+        ],
+        &[],
+    );
+    let run: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(run["status"], "PENDING", "{run}");
+}
+
+/// An address on this host nobody listens on now.
+fn free_local_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A plain HTTP/1.1 GET: status code and body.
+fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the endpoint");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_owned())
+}
+
+/// The value of one sample (`name{labels}`) in a Prometheus text exposition.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }

@@ -205,25 +205,48 @@ macro_rules! dispatch {
     };
 }
 
+/// Counts the call to the backend (`ccat_wfm_backend_calls_total`, and its errors).
+fn counted<T>(
+    backend: &'static str,
+    operation: &'static str,
+    result: Result<T, BackendError>,
+) -> Result<T, BackendError> {
+    crate::metrics::record_backend_call(backend, operation, result.is_err());
+    result
+}
+
 impl Backend for AnyBackend {
     fn name(&self) -> &'static str {
         dispatch!(self, b => b.name())
     }
     async fn submit(&self, spec: &JobSpec) -> Result<String, BackendError> {
-        dispatch!(self, b => b.submit(spec).await)
+        counted(
+            self.name(),
+            "submit",
+            dispatch!(self, b => b.submit(spec).await),
+        )
     }
     async fn find(
         &self,
         tag: &str,
         attempt_dir: &std::path::Path,
     ) -> Result<Option<String>, BackendError> {
-        dispatch!(self, b => b.find(tag, attempt_dir).await)
+        let found = dispatch!(self, b => b.find(tag, attempt_dir).await);
+        counted(self.name(), "find", found)
     }
     async fn status(&self, jobs: &[JobRef]) -> Result<HashMap<String, JobState>, BackendError> {
-        dispatch!(self, b => b.status(jobs).await)
+        counted(
+            self.name(),
+            "status",
+            dispatch!(self, b => b.status(jobs).await),
+        )
     }
     async fn cancel(&self, job: &JobRef) -> Result<(), BackendError> {
-        dispatch!(self, b => b.cancel(job).await)
+        counted(
+            self.name(),
+            "cancel",
+            dispatch!(self, b => b.cancel(job).await),
+        )
     }
     fn log_tail(&self, job: &JobRef, max_bytes: u64) -> Option<String> {
         dispatch!(self, b => b.log_tail(job, max_bytes))

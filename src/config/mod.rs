@@ -182,6 +182,8 @@ pub struct Settings {
     pub poll_intervals: PollIntervals,
     /// The most runs the trigger-manager creates per pipeline in one cycle.
     pub max_new_runs_per_cycle: usize,
+    /// `host:port` of the Prometheus `/metrics` and `/healthz` endpoint; empty: none.
+    pub metrics_address: String,
     pub database: DatabaseSettings,
     /// The settings files that were read, in order.
     pub files: Vec<PathBuf>,
@@ -269,6 +271,7 @@ impl Settings {
                 result_manager: r.seconds("RESULT_MANAGER_POLL_INTERVAL", 10.0)?,
             },
             max_new_runs_per_cycle: r.positive_int("MAX_NEW_RUNS_PER_CYCLE", 500)? as usize,
+            metrics_address: r.listen_address("METRICS_ADDRESS")?,
             database: database_settings(&r, ctx)?,
             files: Vec::new(),
         })
@@ -358,6 +361,20 @@ impl Reader<'_> {
             // Dynaconf turns `CCAT_..._SLURM_PARTITION=123` into an int; a name is meant.
             Some(Value::Number(n)) => Ok(n.to_string()),
             Some(other) => Err(self.invalid(key, "a string", other)),
+        }
+    }
+
+    /// `host:port` to listen on, or empty.
+    fn listen_address(&self, key: &str) -> Result<String, ConfigError> {
+        let address = self.string(key, "")?;
+        let valid = address.is_empty()
+            || address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if valid {
+            Ok(address)
+        } else {
+            Err(self.invalid(key, "host:port (or empty)", &Value::String(address)))
         }
     }
 

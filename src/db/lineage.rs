@@ -167,4 +167,13 @@ impl Database {
         })
         .map_err(DbError::query("finding products derived from a package"))
     }
+
+    /// Every product of a pipeline's runs, by step order then id.
+    pub async fn pipeline_products(&self, pipeline: &str) -> Result<Vec<LineageProduct>, DbError> {
+        let sql = sqlx::AssertSqlSafe(format!("{PRODUCT} WHERE p.name = $1 ORDER BY s.id, d.id"));
+        on_pool!(self, pool => {
+            sqlx::query_as(sql).bind(pipeline).fetch_all(pool).await
+        })
+        .map_err(DbError::query("listing a pipeline's products"))
+    }
 }

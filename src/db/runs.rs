@@ -898,6 +898,14 @@ pub struct StatusCount {
     pub runs: i64,
 }
 
+/// Runs of one step in one status.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct StepCount {
+    pub step: String,
+    pub status: Option<String>,
+    pub runs: i64,
+}
+
 /// A run in flight, or one that failed, as `ccat-wfm status` lists it.
 #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct RunSummary {
@@ -935,6 +943,23 @@ impl Database {
             .await
         })
         .map_err(DbError::query("counting runs per pipeline"))
+    }
+
+    /// Run counts per step (in step order) and status of one pipeline, every step even
+    /// without runs.
+    pub async fn step_status_counts(&self, pipeline: &str) -> Result<Vec<StepCount>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT s.name AS step, r.status, COUNT(r.id) AS runs \
+                 FROM pipeline p JOIN reduction_step s ON s.pipeline_id = p.id \
+                 LEFT JOIN executed_reduction_step r ON r.reduction_step_id = s.id \
+                 WHERE p.name = $1 GROUP BY s.id, s.name, r.status ORDER BY s.id, r.status",
+            )
+            .bind(pipeline)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("counting runs per step"))
     }
 
     /// Runs in flight (staging, submitted, running, collecting), oldest change first.

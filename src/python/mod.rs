@@ -451,7 +451,16 @@ fn migrate(py: Python<'_>, settings: &PySettings) -> PyResult<Vec<i64>> {
 /// Runs the `ccat-wfm` command line with `argv` (program name first); returns the exit code.
 #[pyfunction]
 fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
-    let code = py.detach(|| crate::cli::run_to_code(argv));
+    // Local jobs are started by this interpreter's `ccat_workflow_manager.cli`, not by
+    // the interpreter itself.
+    let launcher = match python_launcher(py) {
+        Ok(launcher) => launcher,
+        Err(e) => {
+            e.print(py);
+            return 1;
+        }
+    };
+    let code = py.detach(|| crate::cli::run_with_launcher(argv, Some(launcher)));
     i32::from(code)
 }
 

@@ -146,12 +146,12 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
         hasher.update(&buffer[..n]);
         size += n as u64;
     }
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((hex, size))
+    Ok((hex(&hasher.finalize()), size))
+}
+
+/// Lower-case hexadecimal of a digest.
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The quality metrics beside `path`, if any: Ok(None) without a file, Err when the file

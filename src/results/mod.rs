@@ -185,6 +185,7 @@ impl<B: Backend> ResultManager<B> {
             .await?
         {
             tracing::info!(run_id = run.id, products = products.len(), "run completed");
+            crate::metrics::count_runs(crate::metrics::RUNS_COMPLETED, &run.pipeline_name, 1);
             report.completed += 1;
             report.products += products.len();
         }
@@ -267,11 +268,11 @@ impl<B: Backend> ResultManager<B> {
                     }
                 }
                 JobState::Failed { reason, metrics: m } => {
-                    count_failure(report, fail(reason, metrics(&m)).await?);
+                    count_failure(report, job, fail(reason, metrics(&m)).await?);
                 }
                 JobState::Cancelled => {
                     let reason = "the job was cancelled on the backend".to_owned();
-                    count_failure(report, fail(reason, RunMetrics::default()).await?);
+                    count_failure(report, job, fail(reason, RunMetrics::default()).await?);
                 }
                 JobState::Vanished => {
                     let recent = job
@@ -283,7 +284,7 @@ impl<B: Backend> ResultManager<B> {
                             job.hpc_job_id,
                             self.backend.name()
                         );
-                        count_failure(report, fail(reason, RunMetrics::default()).await?);
+                        count_failure(report, job, fail(reason, RunMetrics::default()).await?);
                     }
                 }
             }
@@ -301,7 +302,10 @@ fn metrics(m: &crate::backend::JobMetrics) -> RunMetrics {
     }
 }
 
-fn count_failure(report: &mut ResultReport, status: Option<String>) {
+fn count_failure(report: &mut ResultReport, job: &ActiveJob, status: Option<String>) {
+    if status.is_some() {
+        crate::metrics::count_runs(crate::metrics::RUNS_FAILED, &job.pipeline_name, 1);
+    }
     match status.as_deref() {
         Some("PENDING") => {
             report.failed += 1;

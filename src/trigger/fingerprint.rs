@@ -45,8 +45,7 @@ pub fn fingerprint(inputs: &[InputRef], software: &SoftwareRef<'_>, config: &Val
         },
         "config": config,
     });
-    let digest = Sha256::digest(document.to_string().as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::results::collect::hex(&Sha256::digest(document.to_string().as_bytes()))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::backend::{Backend, JobSpec};
 use crate::config::{Settings, StagingMode};
 use crate::db::runs::{ClaimLimits, ProductInput, RawInput, RunMetrics, RunWork};
 use crate::db::{Database, DbError};
+use crate::metrics;
 use command::{BoundInput, CommandRequest, ContainerRuntime};
 use layout::{Manifest, ManifestInput, ManifestProduct, RunLayout};
 
@@ -198,6 +199,9 @@ impl<B: Backend> WorkflowManager<B> {
             .hold_staging_runs(&self.owner, &dead, lease_until, now)
             .await?;
         report.held = runs.len();
+        for run in runs.iter().filter(|r| claimed.contains(&r.id)) {
+            metrics::count_runs(metrics::RUNS_CLAIMED, &run.pipeline_name, 1);
+        }
         for run in &runs {
             self.handle(run, now, &mut report).await?;
         }
@@ -242,7 +246,10 @@ impl<B: Backend> WorkflowManager<B> {
         match self.advance(run, now).instrument(span).await {
             Ok(Outcome::StagingRequested) => report.staging_requested += 1,
             Ok(Outcome::WaitingForStaging) => report.waiting_for_staging += 1,
-            Ok(Outcome::Submitted) => report.submitted += 1,
+            Ok(Outcome::Submitted) => {
+                metrics::count_runs(metrics::RUNS_SUBMITTED, &run.pipeline_name, 1);
+                report.submitted += 1;
+            }
             Ok(Outcome::Dispatched) => report.dispatched += 1,
             Ok(Outcome::Adopted) => report.adopted += 1,
             Ok(Outcome::LeaseLost) => {
@@ -265,6 +272,7 @@ impl<B: Backend> WorkflowManager<B> {
                     )
                     .await?;
                 if status.is_some() {
+                    metrics::count_runs(metrics::RUNS_FAILED, &run.pipeline_name, 1);
                     report.failed += 1;
                 }
             }

@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -16,6 +17,9 @@ use crate::logging::{self, LogFormat};
 use crate::managers::{self, ManagerKind, describe};
 use crate::trigger::{self, TriggerOptions};
 use chrono::Utc;
+
+mod demo;
+mod views;
 
 /// Exit code of a command that ran but found a problem (e.g. `db check`).
 const EXIT_PROBLEM: u8 = 1;
@@ -46,14 +50,10 @@ struct Cli {
     )]
     log_format: LogFormat,
 
-    /// Log level or filter directive (RUST_LOG wins when set).
-    #[arg(
-        long,
-        global = true,
-        default_value = "info",
-        env = "CCAT_WORKFLOW_MANAGER_LOG_LEVEL"
-    )]
-    log_level: String,
+    /// Log level or filter directive (RUST_LOG wins when set) [default: info; warn for
+    /// `demo`, whose progress display is the output].
+    #[arg(long, global = true, env = "CCAT_WORKFLOW_MANAGER_LOG_LEVEL")]
+    log_level: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -61,6 +61,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// See the product work: seeds a small archive into a demo database under DIR, applies
+    /// the demo pipeline (examples/demo/), runs the managers until every run is
+    /// COMPLETED, then prints the data products and the lineage of a map. Safe to re-run.
+    Demo {
+        /// Where the demo database, archive, software and run directories go.
+        #[arg(long, default_value = demo::DEFAULT_DIR)]
+        dir: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Create or verify the database schema.
     Db {
         #[command(subcommand)]
@@ -89,6 +100,8 @@ enum Command {
         once: bool,
         #[command(flatten)]
         db: DatabaseArg,
+        #[command(flatten)]
+        serve: MetricsArg,
     },
     /// Run the three managers in this one process, each its own loop, until SIGTERM or
     /// SIGINT (the embedded setup; production runs one process per manager). An SQLite
@@ -96,6 +109,8 @@ enum Command {
     Run {
         #[command(flatten)]
         db: DatabaseArg,
+        #[command(flatten)]
+        serve: MetricsArg,
     },
     /// Run the workflow-manager: claim pending runs, stage their inputs, submit their jobs.
     WorkflowManager {
@@ -104,6 +119,8 @@ enum Command {
         once: bool,
         #[command(flatten)]
         db: DatabaseArg,
+        #[command(flatten)]
+        serve: MetricsArg,
     },
     /// Run the result-manager: follow submitted jobs, record how they ended, retry
     /// failures, stop the jobs of cancelled runs.
@@ -113,6 +130,8 @@ enum Command {
         once: bool,
         #[command(flatten)]
         db: DatabaseArg,
+        #[command(flatten)]
+        serve: MetricsArg,
     },
     /// What is going on: runs per pipeline and state, runs in flight with their age and
     /// job, and the latest failures with their reason.
@@ -376,6 +395,23 @@ struct DatabaseArg {
     database_url: Option<String>,
 }
 
+/// Where a long-running command serves its metrics.
+#[derive(Debug, clap::Args)]
+struct MetricsArg {
+    /// Serve Prometheus `/metrics` and `/healthz` on HOST:PORT (overrides METRICS_ADDRESS).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_address: Option<String>,
+}
+
+impl MetricsArg {
+    fn apply(self, mut settings: Settings) -> Settings {
+        if let Some(address) = self.metrics_address {
+            settings.metrics_address = address;
+        }
+        settings
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum DbCommand {
     /// Apply the product's migrations (for standalone use; ops-db owns production).
@@ -414,8 +450,18 @@ where
     ExitCode::from(run_to_code(args))
 }
 
-/// [`main`] with the exit code as a number, for callers that are not a process (Python).
+/// [`main`] with the exit code as a number.
 pub fn run_to_code<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    run_with_launcher(args, None)
+}
+
+/// [`run_to_code`] for callers that are not this executable (Python): `launcher` starts
+/// the local backend's job wrapper (None: this executable).
+pub fn run_with_launcher<I, T>(args: I, launcher: Option<Vec<String>>) -> u8
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -441,7 +487,14 @@ where
             argv,
         );
     }
-    logging::init(cli.log_format, &cli.log_level);
+    let level = cli.log_level.clone().unwrap_or_else(|| {
+        match cli.command {
+            Command::Demo { .. } => "warn",
+            _ => "info",
+        }
+        .to_owned()
+    });
+    logging::init(cli.log_format, &level);
 
     let explicit = (!cli.settings.is_empty()).then_some(cli.settings.as_slice());
     let settings = match Settings::load(explicit) {
@@ -461,7 +514,7 @@ where
             return EXIT_PROBLEM;
         }
     };
-    match runtime.block_on(run(cli.command, settings)) {
+    match runtime.block_on(run(cli.command, settings, launcher)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {}", describe(&err));
@@ -470,8 +523,15 @@ where
     }
 }
 
-async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
+async fn run(
+    command: Command,
+    settings: Settings,
+    launcher: Option<Vec<String>>,
+) -> anyhow::Result<u8> {
     match command {
+        Command::Demo { dir, timeout } => {
+            demo::run(&dir, Duration::from_secs(timeout), settings, launcher).await
+        }
         Command::Gaps { pipeline, json, db } => {
             let db = open_database(&settings, &db).await?;
             let code = gaps(&settings, &db, pipeline, json).await;
@@ -603,7 +663,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Lineage { command } => lineage(&settings, command).await,
+        Command::Lineage { command } => views::lineage(&settings, command).await,
         Command::Status {
             json,
             watch,
@@ -612,7 +672,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
         } => {
             let db = open_database(&settings, &db).await?;
             let code = match watch {
-                None => status(&db, json, limit).await,
+                None => views::status(&db, json, limit).await,
                 Some(seconds) => {
                     let mut stop = stop_on_signals()?;
                     loop {
@@ -620,7 +680,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
                             // Clear the screen and go home, as `watch` does.
                             print!("\x1b[2J\x1b[H");
                         }
-                        status(&db, json, limit).await?;
+                        views::status(&db, json, limit).await?;
                         tokio::select! {
                             _ = tokio::time::sleep(std::time::Duration::from_secs_f64(seconds.max(0.1))) => {}
                             _ = stop.changed() => break Ok(0),
@@ -684,63 +744,29 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             command: RunsCommand::Show { id, json, db },
         } => {
             let db = open_database(&settings, &db).await?;
-            let detail = db.run_detail(id).await;
+            let code = views::run_detail(&settings, &db, id, json).await;
             db.close().await;
-            let Some(mut run) = detail? else {
-                eprintln!("error: no run with id {id}");
-                return Ok(EXIT_PROBLEM);
-            };
-            // Failures keep their log tail on the run; otherwise read the job's log.
-            if run.log_tail.is_none() {
-                let layout = crate::workflow::layout::RunLayout::new(
-                    &settings.pipeline_base_dir,
-                    &run.pipeline,
-                    &run.sub_group_key,
-                    &run.step,
-                    run.retry_count + 1,
-                );
-                run.log_tail = crate::backend::read_tail(
-                    &layout.attempt_dir().join(crate::backend::JOB_LOG),
-                    crate::results::LOG_TAIL_BYTES,
-                );
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&run)?);
-                return Ok(0);
-            }
-            let value = serde_json::to_value(&run)?;
-            let mut fields = value.as_object().cloned().unwrap_or_default();
-            let log_tail = fields.remove("log_tail");
-            let width = fields.keys().map(String::len).max().unwrap_or(0);
-            for (key, value) in &fields {
-                let shown = match value {
-                    Value::Null => continue,
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                println!("{key:<width$}  {shown}");
-            }
-            if let Some(Value::String(tail)) = log_tail {
-                println!("\nlog tail:\n{tail}");
-            }
-            Ok(0)
+            code
         }
-        Command::Run { db } => {
+        Command::Run { db, serve } => {
+            let settings = serve.apply(settings);
             let db = open_database(&settings, &db).await?;
-            let code = run_all(&settings, &db).await;
+            let code = run_all(&settings, &db, launcher).await;
             db.close().await;
             code
         }
         Command::JobWrapper { .. } => unreachable!("handled before the runtime starts"),
-        Command::WorkflowManager { once, db } => {
+        Command::WorkflowManager { once, db, serve } => {
+            let settings = serve.apply(settings);
             let db = open_database(&settings, &db).await?;
-            let code = manager(ManagerKind::Workflow, &settings, &db, once).await;
+            let code = manager(ManagerKind::Workflow, &settings, &db, once, launcher).await;
             db.close().await;
             code
         }
-        Command::ResultManager { once, db } => {
+        Command::ResultManager { once, db, serve } => {
+            let settings = serve.apply(settings);
             let db = open_database(&settings, &db).await?;
-            let code = manager(ManagerKind::Result, &settings, &db, once).await;
+            let code = manager(ManagerKind::Result, &settings, &db, once, launcher).await;
             db.close().await;
             code
         }
@@ -756,9 +782,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
                 Ok(EXIT_PROBLEM)
             }
         }
-        Command::TriggerManager { once, db } => {
+        Command::TriggerManager { once, db, serve } => {
+            let settings = serve.apply(settings);
             let db = open_database(&settings, &db).await?;
-            let code = manager(ManagerKind::Trigger, &settings, &db, once).await;
+            let code = manager(ManagerKind::Trigger, &settings, &db, once, launcher).await;
             db.close().await;
             code
         }
@@ -801,7 +828,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<u8> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                print!("{}", render_flat(&value));
+                print!("{}", views::render_flat(&value));
             }
             Ok(0)
         }
@@ -897,7 +924,7 @@ async fn gaps(
             .collect();
         print!(
             "{}",
-            render_table(
+            views::render_table(
                 &[
                     "PIPELINE",
                     "STEP",
@@ -934,6 +961,7 @@ async fn manager(
     settings: &Settings,
     db: &Database,
     once: bool,
+    launcher: Option<Vec<String>>,
 ) -> anyhow::Result<u8> {
     if once {
         return match kind {
@@ -945,7 +973,7 @@ async fn manager(
             ManagerKind::Workflow => {
                 let manager = crate::workflow::WorkflowManager::new(
                     db.clone(),
-                    crate::backend::from_settings(settings, None)?,
+                    crate::backend::from_settings(settings, launcher.clone())?,
                     crate::workflow::WorkflowOptions::from_settings(settings),
                 )
                 .with_publisher(
@@ -958,7 +986,7 @@ async fn manager(
             ManagerKind::Result => {
                 let manager = crate::results::ResultManager::new(
                     db.clone(),
-                    crate::backend::from_settings(settings, None)?,
+                    crate::backend::from_settings(settings, launcher.clone())?,
                     crate::results::ResultOptions::from_settings(settings),
                 )
                 .with_publisher(
@@ -971,150 +999,8 @@ async fn manager(
         };
     }
     let stop = stop_on_signals()?;
-    managers::run(kind, settings, db, None, stop).await?;
-    Ok(0)
-}
-
-/// `ccat-wfm status`: three tables, or one JSON document.
-async fn status(db: &Database, json: bool, limit: i64) -> anyhow::Result<u8> {
-    let counts = db.status_counts().await?;
-    let active = db.active_runs(limit).await?;
-    let failures = db.recent_failures(limit).await?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "pipelines": counts,
-                "active": active,
-                "failures": failures,
-            }))?
-        );
-        return Ok(0);
-    }
-    const STATES: [&str; 8] = [
-        "PENDING",
-        "STAGING_DATA",
-        "SUBMITTED",
-        "RUNNING",
-        "COLLECTING_RESULTS",
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-    ];
-    let mut pipelines: Vec<(String, bool, [i64; 8])> = Vec::new();
-    for c in &counts {
-        if pipelines
-            .last()
-            .is_none_or(|(name, _, _)| *name != c.pipeline)
-        {
-            pipelines.push((c.pipeline.clone(), c.enabled, [0; 8]));
-        }
-        if let Some(i) = c
-            .status
-            .as_deref()
-            .and_then(|s| STATES.iter().position(|x| *x == s))
-        {
-            pipelines.last_mut().expect("pushed above").2[i] += c.runs;
-        }
-    }
-    let mut header = vec!["PIPELINE"];
-    header.extend([
-        "PENDING",
-        "STAGING",
-        "SUBMITTED",
-        "RUNNING",
-        "COLLECTING",
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-    ]);
-    let rows: Vec<Vec<String>> = pipelines
-        .iter()
-        .map(|(name, enabled, n)| {
-            let mut row = vec![if *enabled {
-                name.clone()
-            } else {
-                format!("{name} (disabled)")
-            }];
-            row.extend(n.iter().map(i64::to_string));
-            row
-        })
-        .collect();
-    print!("{}", render_table(&header, &rows));
-    let now = Utc::now();
-    let age = |t: chrono::DateTime<Utc>| {
-        let s = (now - t).num_seconds().max(0);
-        if s < 120 {
-            format!("{s}s")
-        } else if s < 7200 {
-            format!("{}m", s / 60)
-        } else {
-            format!("{}h", s / 3600)
-        }
-    };
-    println!("\nactive runs ({}):", active.len());
-    if !active.is_empty() {
-        let rows: Vec<Vec<String>> = active
-            .iter()
-            .map(|r| {
-                vec![
-                    r.id.to_string(),
-                    r.pipeline.clone(),
-                    r.step.clone(),
-                    r.sub_group_key.clone(),
-                    r.status.clone(),
-                    age(r.updated_at),
-                    format!(
-                        "{} {}",
-                        r.hpc_backend.as_deref().unwrap_or(""),
-                        r.hpc_job_id.as_deref().unwrap_or("")
-                    )
-                    .trim()
-                    .to_owned(),
-                ]
-            })
-            .collect();
-        print!(
-            "{}",
-            render_table(
-                &[
-                    "RUN",
-                    "PIPELINE",
-                    "STEP",
-                    "SUB-GROUP",
-                    "STATUS",
-                    "AGE",
-                    "JOB"
-                ],
-                &rows
-            )
-        );
-    }
-    println!("\nrecent failures ({}):", failures.len());
-    if !failures.is_empty() {
-        let rows: Vec<Vec<String>> = failures
-            .iter()
-            .map(|r| {
-                let reason = r.error_message.as_deref().unwrap_or("").replace('\n', " ");
-                let reason: String = reason.chars().take(80).collect();
-                vec![
-                    r.id.to_string(),
-                    r.pipeline.clone(),
-                    r.step.clone(),
-                    r.sub_group_key.clone(),
-                    age(r.updated_at),
-                    reason,
-                ]
-            })
-            .collect();
-        print!(
-            "{}",
-            render_table(
-                &["RUN", "PIPELINE", "STEP", "SUB-GROUP", "AGO", "REASON"],
-                &rows
-            )
-        );
-    }
+    serve_metrics(settings, &stop).await?;
+    managers::run(kind, settings, db, launcher, stop).await?;
     Ok(0)
 }
 
@@ -1175,7 +1061,11 @@ async fn set_enabled(
 }
 
 /// The three manager loops in one process, stopped together.
-async fn run_all(settings: &Settings, db: &Database) -> anyhow::Result<u8> {
+async fn run_all(
+    settings: &Settings,
+    db: &Database,
+    launcher: Option<Vec<String>>,
+) -> anyhow::Result<u8> {
     match db.dialect() {
         // The embedded database is ours to create.
         crate::db::Dialect::Sqlite => {
@@ -1194,17 +1084,41 @@ async fn run_all(settings: &Settings, db: &Database) -> anyhow::Result<u8> {
         }
     }
     let stop = stop_on_signals()?;
+    serve_metrics(settings, &stop).await?;
     tokio::try_join!(
-        managers::run(ManagerKind::Trigger, settings, db, None, stop.clone()),
-        managers::run(ManagerKind::Workflow, settings, db, None, stop.clone()),
-        managers::run(ManagerKind::Result, settings, db, None, stop),
+        managers::run(
+            ManagerKind::Trigger,
+            settings,
+            db,
+            launcher.clone(),
+            stop.clone()
+        ),
+        managers::run(
+            ManagerKind::Workflow,
+            settings,
+            db,
+            launcher.clone(),
+            stop.clone()
+        ),
+        managers::run(ManagerKind::Result, settings, db, launcher, stop),
     )?;
     Ok(0)
 }
 
+/// Starts the `/metrics` and `/healthz` endpoint when `METRICS_ADDRESS` asks for one.
+async fn serve_metrics(
+    settings: &Settings,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    if !settings.metrics_address.is_empty() {
+        crate::metrics::serve(&settings.metrics_address, stop.clone()).await?;
+    }
+    Ok(())
+}
+
 /// A stop request set by SIGINT or SIGTERM. The handlers are installed before the loop
 /// starts, so a signal during a cycle is not lost: the cycle finishes, then the loop ends.
-fn stop_on_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+pub(super) fn stop_on_signals() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut terminate =
@@ -1267,7 +1181,7 @@ async fn health(settings: &Settings, service: Option<String>, json: bool) -> any
             .collect();
         print!(
             "{}",
-            render_table(
+            views::render_table(
                 &[
                     "SERVICE",
                     "STATE",
@@ -1287,184 +1201,9 @@ async fn health(settings: &Settings, service: Option<String>, json: bool) -> any
     Ok(if all_healthy { 0 } else { EXIT_PROBLEM })
 }
 
-async fn lineage(settings: &Settings, command: LineageCommand) -> anyhow::Result<u8> {
-    match command {
-        LineageCommand::Product { id, json, db } => {
-            let db = open_database(settings, &db).await?;
-            let lineage = db.product_lineage(id).await;
-            db.close().await;
-            let Some(lineage) = lineage? else {
-                eprintln!("error: no data product with id {id}");
-                return Ok(EXIT_PROBLEM);
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&lineage)?);
-                return Ok(0);
-            }
-            let p = &lineage.product;
-            println!(
-                "product {} {} ({}, sha256 {})\n  made by run {} ({} / {} / {})",
-                p.id,
-                p.relative_path,
-                p.product_type,
-                p.checksum,
-                p.run_id,
-                p.pipeline,
-                p.step,
-                p.sub_group_key
-            );
-            let rows: Vec<Vec<String>> = lineage
-                .runs
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.run.run_id.to_string(),
-                        r.run.pipeline.clone(),
-                        r.run.step.clone(),
-                        r.run.sub_group_key.clone(),
-                        r.run.status.clone(),
-                        join_ids(&r.product_inputs),
-                        join_ids(&r.raw_inputs),
-                    ]
-                })
-                .collect();
-            println!();
-            print!(
-                "{}",
-                render_table(
-                    &[
-                        "RUN",
-                        "PIPELINE",
-                        "STEP",
-                        "SUB-GROUP",
-                        "STATUS",
-                        "PRODUCTS READ",
-                        "PACKAGES READ"
-                    ],
-                    &rows
-                )
-            );
-            let names: Vec<String> = lineage
-                .raw_data_packages
-                .iter()
-                .map(|p| format!("{} ({})", p.name, p.id))
-                .collect();
-            println!("\nraw data packages: {}", names.join(", "));
-            Ok(0)
-        }
-        LineageCommand::Package { id, json, db } => {
-            let db = open_database(settings, &db).await?;
-            let products = db.derived_products(id).await;
-            db.close().await;
-            let products = products?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&products)?);
-                return Ok(0);
-            }
-            let rows: Vec<Vec<String>> = products
-                .iter()
-                .map(|p| {
-                    vec![
-                        p.id.to_string(),
-                        p.product_type.clone(),
-                        p.relative_path.clone(),
-                        p.run_id.to_string(),
-                        p.pipeline.clone(),
-                        p.step.clone(),
-                        p.sub_group_key.clone(),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                render_table(
-                    &[
-                        "PRODUCT",
-                        "TYPE",
-                        "PATH",
-                        "RUN",
-                        "PIPELINE",
-                        "STEP",
-                        "SUB-GROUP"
-                    ],
-                    &rows
-                )
-            );
-            if products.is_empty() {
-                println!("nothing has been derived from raw data package {id} yet");
-            }
-            Ok(0)
-        }
-    }
-}
-
-fn join_ids(ids: &[i64]) -> String {
-    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
-}
-
-/// Renders rows as columns separated by two spaces, under a header.
-fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut out = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        out.truncate(out.trim_end().len());
-        out.push('\n');
-        out
-    };
-    let mut out = line(header.to_vec());
-    for row in rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
 async fn open_database(settings: &Settings, arg: &DatabaseArg) -> anyhow::Result<Database> {
     Ok(match &arg.database_url {
         Some(url) => Database::connect_url(url).await?,
         None => Database::connect(&settings.database).await?,
     })
-}
-
-/// Renders a JSON value as aligned `dotted.key  value` lines for people.
-fn render_flat(value: &Value) -> String {
-    fn walk(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
-        match value {
-            Value::Object(map) => {
-                for (key, item) in map {
-                    let path = if prefix.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{prefix}.{key}")
-                    };
-                    walk(&path, item, out);
-                }
-            }
-            Value::String(s) => out.push((prefix.to_owned(), s.clone())),
-            Value::Array(items) if items.iter().all(Value::is_string) => out.push((
-                prefix.to_owned(),
-                items
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )),
-            other => out.push((prefix.to_owned(), other.to_string())),
-        }
-    }
-    let mut rows = Vec::new();
-    walk("", value, &mut rows);
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    rows.iter()
-        .map(|(k, v)| format!("{k:width$}  {v}\n"))
-        .collect()
 }

@@ -1,0 +1,374 @@
+//! What the operator commands print: tables sized to the terminal, flat key–value
+//! listings, and the documents behind `--json`.
+
+use chrono::Utc;
+use serde_json::Value;
+
+use super::{EXIT_PROBLEM, LineageCommand, open_database};
+use crate::config::Settings;
+use crate::db::Database;
+
+/// `ccat-wfm runs show`: every field of one run, then the tail of its log.
+pub(super) async fn run_detail(
+    settings: &Settings,
+    db: &Database,
+    id: i64,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let Some(mut run) = db.run_detail(id).await? else {
+        eprintln!("error: no run with id {id}");
+        return Ok(EXIT_PROBLEM);
+    };
+    // Failures keep their log tail on the run; otherwise read the job's log.
+    if run.log_tail.is_none() {
+        let layout = crate::workflow::layout::RunLayout::new(
+            &settings.pipeline_base_dir,
+            &run.pipeline,
+            &run.sub_group_key,
+            &run.step,
+            run.retry_count + 1,
+        );
+        run.log_tail = crate::backend::read_tail(
+            &layout.attempt_dir().join(crate::backend::JOB_LOG),
+            crate::results::LOG_TAIL_BYTES,
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&run)?);
+        return Ok(0);
+    }
+    let value = serde_json::to_value(&run)?;
+    let mut fields = value.as_object().cloned().unwrap_or_default();
+    let log_tail = fields.remove("log_tail");
+    let width = fields.keys().map(String::len).max().unwrap_or(0);
+    for (key, value) in &fields {
+        let shown = match value {
+            Value::Null => continue,
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("{key:<width$}  {shown}");
+    }
+    if let Some(Value::String(tail)) = log_tail {
+        println!("\nlog tail:\n{tail}");
+    }
+    Ok(0)
+}
+
+/// `ccat-wfm status`: three tables, or one JSON document.
+pub(super) async fn status(db: &Database, json: bool, limit: i64) -> anyhow::Result<u8> {
+    let counts = db.status_counts().await?;
+    let active = db.active_runs(limit).await?;
+    let failures = db.recent_failures(limit).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "pipelines": counts,
+                "active": active,
+                "failures": failures,
+            }))?
+        );
+        return Ok(0);
+    }
+    const STATES: [&str; 8] = [
+        "PENDING",
+        "STAGING_DATA",
+        "SUBMITTED",
+        "RUNNING",
+        "COLLECTING_RESULTS",
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+    ];
+    let mut pipelines: Vec<(String, bool, [i64; 8])> = Vec::new();
+    for c in &counts {
+        if pipelines
+            .last()
+            .is_none_or(|(name, _, _)| *name != c.pipeline)
+        {
+            pipelines.push((c.pipeline.clone(), c.enabled, [0; 8]));
+        }
+        if let Some(i) = c
+            .status
+            .as_deref()
+            .and_then(|s| STATES.iter().position(|x| *x == s))
+        {
+            pipelines.last_mut().expect("pushed above").2[i] += c.runs;
+        }
+    }
+    let mut header = vec!["PIPELINE"];
+    header.extend([
+        "PENDING",
+        "STAGING",
+        "SUBMITTED",
+        "RUNNING",
+        "COLLECTING",
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+    ]);
+    let rows: Vec<Vec<String>> = pipelines
+        .iter()
+        .map(|(name, enabled, n)| {
+            let mut row = vec![if *enabled {
+                name.clone()
+            } else {
+                format!("{name} (disabled)")
+            }];
+            row.extend(n.iter().map(i64::to_string));
+            row
+        })
+        .collect();
+    print!("{}", render_table(&header, &rows));
+    let now = Utc::now();
+    let age = |t: chrono::DateTime<Utc>| {
+        let s = (now - t).num_seconds().max(0);
+        if s < 120 {
+            format!("{s}s")
+        } else if s < 7200 {
+            format!("{}m", s / 60)
+        } else {
+            format!("{}h", s / 3600)
+        }
+    };
+    println!("\nactive runs ({}):", active.len());
+    if !active.is_empty() {
+        let rows: Vec<Vec<String>> = active
+            .iter()
+            .map(|r| {
+                vec![
+                    r.id.to_string(),
+                    r.pipeline.clone(),
+                    r.step.clone(),
+                    r.sub_group_key.clone(),
+                    r.status.clone(),
+                    age(r.updated_at),
+                    format!(
+                        "{} {}",
+                        r.hpc_backend.as_deref().unwrap_or(""),
+                        r.hpc_job_id.as_deref().unwrap_or("")
+                    )
+                    .trim()
+                    .to_owned(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render_table(
+                &[
+                    "RUN",
+                    "PIPELINE",
+                    "STEP",
+                    "SUB-GROUP",
+                    "STATUS",
+                    "AGE",
+                    "JOB"
+                ],
+                &rows
+            )
+        );
+    }
+    println!("\nrecent failures ({}):", failures.len());
+    if !failures.is_empty() {
+        let rows: Vec<Vec<String>> = failures
+            .iter()
+            .map(|r| {
+                let reason = r.error_message.as_deref().unwrap_or("").replace('\n', " ");
+                let reason: String = reason.chars().take(80).collect();
+                vec![
+                    r.id.to_string(),
+                    r.pipeline.clone(),
+                    r.step.clone(),
+                    r.sub_group_key.clone(),
+                    age(r.updated_at),
+                    reason,
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render_table(
+                &["RUN", "PIPELINE", "STEP", "SUB-GROUP", "AGO", "REASON"],
+                &rows
+            )
+        );
+    }
+    Ok(0)
+}
+
+pub(super) async fn lineage(settings: &Settings, command: LineageCommand) -> anyhow::Result<u8> {
+    match command {
+        LineageCommand::Product { id, json, db } => {
+            let db = open_database(settings, &db).await?;
+            let lineage = db.product_lineage(id).await;
+            db.close().await;
+            let Some(lineage) = lineage? else {
+                eprintln!("error: no data product with id {id}");
+                return Ok(EXIT_PROBLEM);
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lineage)?);
+                return Ok(0);
+            }
+            print_product_lineage(&lineage);
+            Ok(0)
+        }
+        LineageCommand::Package { id, json, db } => {
+            let db = open_database(settings, &db).await?;
+            let products = db.derived_products(id).await;
+            db.close().await;
+            let products = products?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&products)?);
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = products
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.id.to_string(),
+                        p.product_type.clone(),
+                        p.relative_path.clone(),
+                        p.run_id.to_string(),
+                        p.pipeline.clone(),
+                        p.step.clone(),
+                        p.sub_group_key.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render_table(
+                    &[
+                        "PRODUCT",
+                        "TYPE",
+                        "PATH",
+                        "RUN",
+                        "PIPELINE",
+                        "STEP",
+                        "SUB-GROUP"
+                    ],
+                    &rows
+                )
+            );
+            if products.is_empty() {
+                println!("nothing has been derived from raw data package {id} yet");
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn join_ids(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Renders rows as columns under a header, two spaces apart. On a terminal the table
+/// fits its width (long cells wrap); piped output is never wrapped.
+pub(super) fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Dynamic)
+        .set_header(header.iter().copied())
+        .add_rows(rows.iter().cloned());
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    // A terminal that reports no usable width (a pseudo-terminal of `script`): no wrapping.
+    if table.width().is_some_and(|w| w < 40) {
+        table.set_content_arrangement(comfy_table::ContentArrangement::Disabled);
+    }
+    let mut out = table.trim_fmt();
+    out.push('\n');
+    out
+}
+
+/// Renders a JSON value as aligned `dotted.key  value` lines for people.
+pub(super) fn render_flat(value: &Value) -> String {
+    fn walk(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
+        match value {
+            Value::Object(map) => {
+                for (key, item) in map {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    walk(&path, item, out);
+                }
+            }
+            Value::String(s) => out.push((prefix.to_owned(), s.clone())),
+            Value::Array(items) if items.iter().all(Value::is_string) => out.push((
+                prefix.to_owned(),
+                items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+            other => out.push((prefix.to_owned(), other.to_string())),
+        }
+    }
+    let mut rows = Vec::new();
+    walk("", value, &mut rows);
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{k:width$}  {v}\n"))
+        .collect()
+}
+
+/// A product, the runs of its chain with what each read, and the raw data packages.
+pub(super) fn print_product_lineage(lineage: &crate::db::lineage::ProductLineage) {
+    let p = &lineage.product;
+    println!(
+        "product {} {} ({}, sha256 {})\n  made by run {} ({} / {} / {})",
+        p.id,
+        p.relative_path,
+        p.product_type,
+        p.checksum,
+        p.run_id,
+        p.pipeline,
+        p.step,
+        p.sub_group_key
+    );
+    let rows: Vec<Vec<String>> = lineage
+        .runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.run.run_id.to_string(),
+                r.run.pipeline.clone(),
+                r.run.step.clone(),
+                r.run.sub_group_key.clone(),
+                r.run.status.clone(),
+                join_ids(&r.product_inputs),
+                join_ids(&r.raw_inputs),
+            ]
+        })
+        .collect();
+    println!();
+    print!(
+        "{}",
+        render_table(
+            &[
+                "RUN",
+                "PIPELINE",
+                "STEP",
+                "SUB-GROUP",
+                "STATUS",
+                "PRODUCTS READ",
+                "PACKAGES READ"
+            ],
+            &rows
+        )
+    );
+    let names: Vec<String> = lineage
+        .raw_data_packages
+        .iter()
+        .map(|p| format!("{} ({})", p.name, p.id))
+        .collect();
+    println!("\nraw data packages: {}", names.join(", "));
+}
