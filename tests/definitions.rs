@@ -111,6 +111,48 @@ async fn the_example_applies_idempotently_and_round_trips() {
             "{out}"
         );
         assert!(out.contains("applied 2 change(s)"), "{out}");
+
+        // A disabled pipeline stays disabled when a file that does not say `enabled` is
+        // applied again; export says `enabled = false`; a file saying `enabled = true`
+        // enables it.
+        assert!(
+            wfm(&["disable", "chai-maps", "--database-url", &a.url])
+                .status
+                .success()
+        );
+        let again = wfm(&["apply", &file, "--database-url", &a.url]);
+        assert!(again.status.success(), "{again:?}");
+        let pipeline = |defs: ccat_workflow_manager::definitions::Definitions| {
+            defs.pipelines.into_iter().next().unwrap()
+        };
+        assert_eq!(
+            pipeline(a.db.export_definitions().await.unwrap()).enabled,
+            Some(false)
+        );
+        let exported = text(&wfm(&["export", "--database-url", &a.url]).stdout);
+        assert!(exported.contains("enabled = false"), "{exported}");
+        let enabling = dir.path().join("enabling.toml");
+        std::fs::write(
+            &enabling,
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .replace("priority = 10", "priority = 10\nenabled = true"),
+        )
+        .unwrap();
+        let out = wfm(&[
+            "apply",
+            enabling.to_str().unwrap(),
+            "--database-url",
+            &a.url,
+        ]);
+        assert!(
+            text(&out.stdout).contains("update pipeline \"chai-maps\" (enabled"),
+            "{out:?}"
+        );
+        assert_eq!(
+            pipeline(a.db.export_definitions().await.unwrap()).enabled,
+            None
+        );
     }
 }
 

@@ -1,4 +1,5 @@
-"""The Celery worker's app: ``celery -A ccat_workflow_manager.worker worker``.
+"""The Celery worker's app:
+``celery -A ccat_workflow_manager.worker worker -Q workflow.hpc,workflow.results``.
 
 The worker keeps a health key ``health:workflow:celery-worker-<host>`` (or
 ``WORKER_HEALTH_NAME``) alive like the managers do (TTL 90 s, refreshed every 30 s),

@@ -19,19 +19,21 @@ pub(super) async fn run_detail(
         eprintln!("error: no run with id {id}");
         return Ok(EXIT_PROBLEM);
     };
-    // Failures keep their log tail on the run; otherwise read the job's log.
-    if run.log_tail.is_none() {
-        let layout = crate::workflow::layout::RunLayout::new(
-            &settings.pipeline_base_dir,
-            &run.pipeline,
-            &run.sub_group_key,
-            &run.step,
-            run.retry_count + 1,
-        );
-        run.log_tail = crate::backend::read_tail(
-            &layout.attempt_dir().join(crate::backend::JOB_LOG),
-            crate::results::LOG_TAIL_BYTES,
-        );
+    // The tail kept on the run is the last failure's. A run that went on since (retried,
+    // running, completed) shows its current attempt's log instead, when there is one.
+    let layout = crate::workflow::layout::RunLayout::new(
+        &settings.pipeline_base_dir,
+        &run.pipeline,
+        &run.sub_group_key,
+        &run.step,
+        run.retry_count + 1,
+    );
+    let current = crate::backend::read_tail(
+        &layout.attempt_dir().join(crate::backend::JOB_LOG),
+        crate::results::LOG_TAIL_BYTES,
+    );
+    if run.log_tail.is_none() || (run.status != "FAILED" && current.is_some()) {
+        run.log_tail = current;
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&run)?);

@@ -244,14 +244,14 @@ impl Settings {
                 lease_seconds: r.seconds("LEASE_SECONDS", 300.0)?,
                 retry_backoff_seconds: r.seconds("RETRY_BACKOFF_SECONDS", 60.0)?,
                 // Work goes to the Celery workers where a Redis is configured; without one
-                // it runs in the manager (the embedded default).
+                // (or with an empty REDIS_HOST) it runs in the manager (the embedded default).
                 dispatch_mode: r.choice(
                     "DISPATCH_MODE",
                     &[
                         ("inline", DispatchMode::Inline),
                         ("celery", DispatchMode::Celery),
                     ],
-                    if r.get("REDIS_HOST").is_some() {
+                    if r.get("REDIS_HOST").is_some_and(|h| h.as_str() != Some("")) {
                         DispatchMode::Celery
                     } else {
                         DispatchMode::Inline

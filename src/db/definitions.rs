@@ -239,7 +239,8 @@ impl Database {
                         .get("cron")
                         .and_then(Value::as_str)
                         .map(str::to_owned),
-                    enabled: p.enabled,
+                    // Enabled is the default, written only when it is not so.
+                    enabled: (!p.enabled).then_some(false),
                     priority: p.priority,
                     max_active_runs: p.max_active_runs,
                 })
@@ -319,12 +320,12 @@ impl Database {
                          trigger_type, trigger_config, enabled, priority, max_active_runs, created_at, updated_at) \
                          VALUES ($1, $2, (SELECT id FROM data_grouping WHERE name = $3), \
                          (SELECT id FROM data_location WHERE name = $4 AND location_type = 'PROCESSING'), \
-                         $5, $6, $7, $8, $9, $10, $10) \
+                         $5, $6, COALESCE($7, TRUE), $8, $9, $10, $10) \
                          ON CONFLICT (name) DO UPDATE SET description = excluded.description, \
                          data_grouping_id = excluded.data_grouping_id, \
                          processing_location_id = excluded.processing_location_id, \
                          trigger_type = excluded.trigger_type, trigger_config = excluded.trigger_config, \
-                         enabled = excluded.enabled, priority = excluded.priority, \
+                         enabled = COALESCE($7, pipeline.enabled), priority = excluded.priority, \
                          max_active_runs = excluded.max_active_runs, updated_at = $10 \
                          RETURNING id",
                     )

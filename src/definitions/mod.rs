@@ -82,8 +82,10 @@ pub struct Pipeline {
     /// The cron expression of a `cron` pipeline (5 fields, UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
-    #[serde(default = "yes")]
-    pub enabled: bool,
+    /// Absent: a new pipeline is enabled and an existing one keeps its state, so that
+    /// re-applying a file does not undo `ccat-wfm disable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
     #[serde(default)]
     pub priority: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,9 +131,6 @@ fn four() -> f64 {
 }
 fn one_f() -> f64 {
     1.0
-}
-fn yes() -> bool {
-    true
 }
 fn continuous() -> String {
     "continuous".into()
@@ -453,7 +452,11 @@ pub fn diff(current: &Definitions, wanted: &Definitions) -> Vec<Change> {
     for p in &wanted.pipelines {
         let entry = format!("pipeline {:?}", p.name);
         let old = current.pipelines.iter().find(|c| c.name == p.name);
-        push(entry.clone(), old.map(|o| changed_fields(o, p, &["step"])));
+        let skip: &[&str] = match p.enabled {
+            Some(_) => &["step"],
+            None => &["step", "enabled"],
+        };
+        push(entry.clone(), old.map(|o| changed_fields(o, p, skip)));
         for s in &p.steps {
             let old_s = old.and_then(|o| o.steps.iter().find(|c| c.name == s.name));
             push(

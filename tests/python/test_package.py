@@ -45,3 +45,19 @@ def test_module_runs_as_python_m():
         [sys.executable, "-m", "ccat_workflow_manager.cli", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and ccat_workflow_manager.__version__ in out.stdout
+
+
+def test_the_installed_console_script_runs_the_demo(tmp_path):
+    # Local jobs started from the installed script run through this interpreter's
+    # `ccat_workflow_manager.cli job-wrapper`, not through the interpreter itself.
+    exe = shutil.which("ccat-wfm", path=str(Path(sys.executable).parent))
+    out = subprocess.run(
+        [exe, "demo", "--dir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "data products of demo-maps (24)" in out.stdout
+    assert "lineage of the map" in out.stdout
