@@ -8,6 +8,7 @@ the run's state before acting).
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from celery import Celery
 
@@ -21,7 +22,8 @@ def broker_url(settings: Any) -> str:
     host = settings.get("REDIS_HOST", "localhost")
     port = settings.get("REDIS_PORT", 6379)
     password = settings.get("REDIS_PASSWORD", "")
-    auth = f":{password}@" if password else ""
+    # Quoted: a password may hold any of @ : / %, which kombu unquotes again.
+    auth = f":{quote(str(password), safe='')}@" if password else ""
     return f"redis://{auth}{host}:{port}/0"
 
 

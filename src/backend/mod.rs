@@ -1,11 +1,12 @@
 //! Backends: where jobs run. One interface ([`Backend`]) over SLURM ([`slurm`]), local
-//! processes ([`local`]) and (later) Kubernetes, so the managers never care which.
+//! processes ([`local`]) and Kubernetes ([`kubernetes`]), so the managers never care which.
 //!
 //! A job is known by the id the backend gave it and by its *tag*, which carries the
 //! run id and attempt; the tag is what makes submission crash-safe: a manager that died
 //! between submitting and recording the id finds the job again by its tag
 //! ([`Backend::find`]) instead of submitting a second one.
 
+pub mod kubernetes;
 pub mod local;
 pub mod slurm;
 
@@ -32,13 +33,14 @@ pub enum BackendError {
     },
     #[error("{command}: no answer within {seconds} s")]
     Timeout { command: String, seconds: u64 },
-    #[error("{0}")]
-    Unsupported(String),
     /// The job cannot be expressed for this backend (checked before submitting).
     #[error("{0}")]
     Invalid(String),
     #[error("{command} answered something unexpected: {detail}")]
     Parse { command: String, detail: String },
+    /// The request may or may not have reached the backend (connection lost).
+    #[error("{command}: no clear answer: {detail}")]
+    Unclear { command: String, detail: String },
 }
 
 impl BackendError {
@@ -48,7 +50,9 @@ impl BackendError {
     pub fn is_refusal(&self) -> bool {
         !matches!(
             self,
-            BackendError::Timeout { .. } | BackendError::Parse { .. }
+            BackendError::Timeout { .. }
+                | BackendError::Parse { .. }
+                | BackendError::Unclear { .. }
         )
     }
 
@@ -183,9 +187,9 @@ pub fn from_settings(
             accounting: settings.slurm.accounting,
             calls: Default::default(),
         })),
-        HpcBackend::Kubernetes => Err(BackendError::Unsupported(
-            "HPC_BACKEND=kubernetes is not available yet; use slurm or local".into(),
-        )),
+        HpcBackend::Kubernetes => Ok(AnyBackend::Kubernetes(kubernetes::KubernetesBackend::new(
+            kubernetes::KubernetesOptions::from_settings(settings),
+        ))),
     }
 }
 
@@ -194,6 +198,7 @@ pub fn from_settings(
 pub enum AnyBackend {
     Local(local::LocalBackend),
     Slurm(slurm::SlurmBackend),
+    Kubernetes(kubernetes::KubernetesBackend),
 }
 
 macro_rules! dispatch {
@@ -201,6 +206,7 @@ macro_rules! dispatch {
         match $self {
             AnyBackend::Local($b) => $body,
             AnyBackend::Slurm($b) => $body,
+            AnyBackend::Kubernetes($b) => $body,
         }
     };
 }

@@ -71,7 +71,21 @@ impl StagingMode {
 const RUNTIMES: &[(&str, ContainerRuntime)] = &[
     ("apptainer", ContainerRuntime::Apptainer),
     ("none", ContainerRuntime::None),
+    ("pod", ContainerRuntime::Pod),
 ];
+
+/// The kubernetes backend's settings (besides `K8S_NAMESPACE`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KubernetesSettings {
+    /// Where the pods find `PIPELINE_BASE_DIR`: empty for the same host path on every
+    /// node, or `pvc:NAME`.
+    pub pipeline_volume: String,
+    /// Further trees the pods see at the same path (where staged inputs link to): `PATH`
+    /// (a host path) or `PATH=pvc:NAME`.
+    pub data_volumes: Vec<String>,
+    /// How long a finished Job, its pod and its log are kept.
+    pub job_ttl_seconds: i64,
+}
 
 /// The SLURM backend's settings (besides `SLURM_PARTITION`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -176,6 +190,7 @@ pub struct Settings {
     pub k8s_namespace: String,
     pub slurm_partition: String,
     pub slurm: SlurmSettings,
+    pub kubernetes: KubernetesSettings,
     pub workflow: WorkflowSettings,
     pub sif_cache_dir: PathBuf,
     pub redis: RedisSettings,
@@ -220,8 +235,20 @@ impl Settings {
         // where the command itself is the useful default.
         let default_runtime = match hpc_backend {
             HpcBackend::Local => ContainerRuntime::None,
-            _ => ContainerRuntime::Apptainer,
+            // The pod is the container.
+            HpcBackend::Kubernetes => ContainerRuntime::Pod,
+            HpcBackend::Slurm => ContainerRuntime::Apptainer,
         };
+        let container_runtime = r.choice("CONTAINER_RUNTIME", RUNTIMES, default_runtime)?;
+        // A pod is a container already; elsewhere nothing would start the image.
+        if (container_runtime == ContainerRuntime::Pod) != (hpc_backend == HpcBackend::Kubernetes) {
+            let got = r.get("CONTAINER_RUNTIME").cloned().unwrap_or(Value::Null);
+            return Err(r.invalid(
+                "CONTAINER_RUNTIME",
+                "pod with HPC_BACKEND=kubernetes (and only there)",
+                &got,
+            ));
+        }
         Ok(Settings {
             env: ctx.environments().join(","),
             hpc_backend,
@@ -235,8 +262,17 @@ impl Settings {
                 accounting: r.boolean("SLURM_ACCOUNTING", false)?,
             },
             slurm_partition: r.string("SLURM_PARTITION", "")?,
+            kubernetes: KubernetesSettings {
+                pipeline_volume: r.volume("K8S_PIPELINE_VOLUME", false)?,
+                data_volumes: r
+                    .string_list("K8S_DATA_VOLUMES")?
+                    .into_iter()
+                    .map(|v| check_volume("K8S_DATA_VOLUMES", &v, true, &r))
+                    .collect::<Result<_, _>>()?,
+                job_ttl_seconds: r.positive_int("K8S_JOB_TTL_SECONDS", 86400)?,
+            },
             workflow: WorkflowSettings {
-                container_runtime: r.choice("CONTAINER_RUNTIME", RUNTIMES, default_runtime)?,
+                container_runtime,
                 apptainer: r.string("APPTAINER_BIN", "apptainer")?,
                 staging_mode: r.choice("STAGING_MODE", StagingMode::NAMES, StagingMode::Local)?,
                 claim_batch_size: r.positive_int("CLAIM_BATCH_SIZE", 100)?,
@@ -325,6 +361,33 @@ fn database_settings(r: &Reader<'_>, ctx: &LoadContext) -> Result<DatabaseSettin
     }
 }
 
+/// `[PATH=]pvc:NAME`, a bare absolute `PATH` (when `with_path`), or empty (when not).
+fn check_volume(
+    key: &str,
+    value: &str,
+    with_path: bool,
+    r: &Reader<'_>,
+) -> Result<String, ConfigError> {
+    let (path, source) = match value.split_once('=') {
+        Some((path, source)) => (Some(path), Some(source)),
+        None if with_path => (Some(value), None),
+        None => (None, (!value.is_empty()).then_some(value)),
+    };
+    let path_ok = path.is_none_or(|p| p.starts_with('/'));
+    let source_ok =
+        source.is_none_or(|s| s.strip_prefix("pvc:").is_some_and(|name| !name.is_empty()));
+    if path_ok && source_ok && (with_path || path.is_none()) {
+        Ok(value.to_owned())
+    } else {
+        let expected = if with_path {
+            "an absolute PATH, or PATH=pvc:NAME"
+        } else {
+            "empty (a host path) or pvc:NAME"
+        };
+        Err(r.invalid(key, expected, &Value::String(value.to_owned())))
+    }
+}
+
 /// Typed access to the loaded values, with errors that name the key and its origin.
 struct Reader<'a> {
     values: &'a Map<String, Value>,
@@ -376,6 +439,12 @@ impl Reader<'_> {
         } else {
             Err(self.invalid(key, "host:port (or empty)", &Value::String(address)))
         }
+    }
+
+    /// A kubernetes volume setting (see [`KubernetesSettings`]).
+    fn volume(&self, key: &str, with_path: bool) -> Result<String, ConfigError> {
+        let value = self.string(key, "")?;
+        check_volume(key, &value, with_path, self)
     }
 
     fn int(&self, key: &str, default: i64) -> Result<i64, ConfigError> {
@@ -588,5 +657,44 @@ mod tests {
             err.contains("REDIS_PASSWORD") && !err.contains("s3cret"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn kubernetes_runs_pods_and_its_volumes_are_checked() {
+        const K8S: (&str, &str) = ("CCAT_WORKFLOW_MANAGER_HPC_BACKEND", "kubernetes");
+        let s = settings(&[
+            K8S,
+            (
+                "CCAT_WORKFLOW_MANAGER_K8S_PIPELINE_VOLUME",
+                "pvc:ccat-pipelines",
+            ),
+            (
+                "CCAT_WORKFLOW_MANAGER_K8S_DATA_VOLUMES",
+                r#"["/data/archive", "/data/buffer=pvc:buffer"]"#,
+            ),
+        ])
+        .unwrap();
+        assert_eq!(s.workflow.container_runtime, ContainerRuntime::Pod);
+        assert_eq!(s.kubernetes.job_ttl_seconds, 86400);
+        assert_eq!(s.kubernetes.data_volumes.len(), 2);
+
+        let err = |vars: &[(&str, &str)]| settings(vars).unwrap_err().to_string();
+        let e = err(&[
+            K8S,
+            ("CCAT_WORKFLOW_MANAGER_CONTAINER_RUNTIME", "apptainer"),
+        ]);
+        assert!(e.contains("CONTAINER_RUNTIME") && e.contains("pod"), "{e}");
+        let e = err(&[("CCAT_WORKFLOW_MANAGER_CONTAINER_RUNTIME", "pod")]);
+        assert!(e.contains("HPC_BACKEND=kubernetes"), "{e}");
+        for bad in [
+            r#"["data/archive"]"#,
+            r#"["/data=nfs:x"]"#,
+            r#"["/data=pvc:"]"#,
+        ] {
+            let e = err(&[K8S, ("CCAT_WORKFLOW_MANAGER_K8S_DATA_VOLUMES", bad)]);
+            assert!(e.contains("K8S_DATA_VOLUMES"), "{bad}: {e}");
+        }
+        let e = err(&[K8S, ("CCAT_WORKFLOW_MANAGER_K8S_PIPELINE_VOLUME", "/data")]);
+        assert!(e.contains("K8S_PIPELINE_VOLUME"), "{e}");
     }
 }

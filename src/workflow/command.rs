@@ -17,6 +17,9 @@ pub enum ContainerRuntime {
     Apptainer,
     /// The command itself, with the same environment and host paths (development, tests).
     None,
+    /// The backend runs the image itself (Kubernetes): the command with container paths,
+    /// and the mounts the pod must provide.
+    Pod,
 }
 
 /// A program, its arguments and the environment it adds; nothing here is parsed by a shell.
@@ -26,6 +29,23 @@ pub struct JobCommand {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub workdir: PathBuf,
+    /// With the `pod` runtime: the image and what the pod mounts where.
+    pub container: Option<PodContainer>,
+}
+
+/// The image a pod runs and the host paths it sees inside.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PodContainer {
+    pub image: String,
+    pub mounts: Vec<Mount>,
+}
+
+/// A host path seen inside the container.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Mount {
+    pub host: PathBuf,
+    pub inside: String,
+    pub read_only: bool,
 }
 
 impl JobCommand {
@@ -69,7 +89,7 @@ pub fn visible_dirs(
 ) -> super::layout::ManifestDirectories {
     let show = |p: PathBuf| p.display().to_string();
     match runtime {
-        ContainerRuntime::Apptainer => super::layout::ManifestDirectories {
+        ContainerRuntime::Apptainer | ContainerRuntime::Pod => super::layout::ManifestDirectories {
             input: container::INPUT.into(),
             workspace: format!("{}/{}", container::WORKSPACE, layout.step),
             output: if final_step {
@@ -123,6 +143,17 @@ pub fn build(req: &CommandRequest<'_>) -> Result<JobCommand, String> {
             args: req.command[1..].to_vec(),
             env,
             workdir: req.layout.step_workspace(),
+            container: None,
+        }),
+        ContainerRuntime::Pod => Ok(JobCommand {
+            program: req.command[0].clone(),
+            args: req.command[1..].to_vec(),
+            env,
+            workdir: format!("{}/{}", container::WORKSPACE, req.layout.step).into(),
+            container: Some(PodContainer {
+                image: req.image.to_owned(),
+                mounts: mounts(req),
+            }),
         }),
         ContainerRuntime::Apptainer => {
             let mut args = vec![
@@ -133,28 +164,14 @@ pub fn build(req: &CommandRequest<'_>) -> Result<JobCommand, String> {
                 "--pwd".to_owned(),
                 format!("{}/{}", container::WORKSPACE, req.layout.step),
             ];
-            let mut bind = |host: &Path, inside: &str, read_only: bool| {
+            for m in mounts(req) {
                 args.push("--bind".to_owned());
                 args.push(format!(
                     "{}:{}{}",
-                    host.display(),
-                    inside,
-                    if read_only { ":ro" } else { "" }
+                    m.host.display(),
+                    m.inside,
+                    if m.read_only { ":ro" } else { "" }
                 ));
-            };
-            bind(&req.layout.workspace(), container::WORKSPACE, false);
-            bind(&req.layout.logs(), container::LOGS, false);
-            bind(&req.layout.config(), container::CONFIG, true);
-            if req.final_step {
-                bind(&req.layout.output(), container::OUTPUT, false);
-            }
-            // Each input on its own: the links in input/ point outside any bind.
-            for input in req.inputs {
-                bind(
-                    &input.host_path,
-                    &format!("{}/{}", container::INPUT, input.name),
-                    true,
-                );
             }
             args.push(req.image.to_owned());
             args.extend(req.command.iter().cloned());
@@ -168,9 +185,36 @@ pub fn build(req: &CommandRequest<'_>) -> Result<JobCommand, String> {
                     .map(|(k, v)| (format!("APPTAINERENV_{k}"), v))
                     .collect(),
                 workdir: req.layout.attempt_dir(),
+                container: None,
             })
         }
     }
+}
+
+/// The host directories and inputs a container sees, where (SPEC §6).
+fn mounts(req: &CommandRequest<'_>) -> Vec<Mount> {
+    let mount = |host: PathBuf, inside: &str, read_only: bool| Mount {
+        host,
+        inside: inside.to_owned(),
+        read_only,
+    };
+    let mut mounts = vec![
+        mount(req.layout.workspace(), container::WORKSPACE, false),
+        mount(req.layout.logs(), container::LOGS, false),
+        mount(req.layout.config(), container::CONFIG, true),
+    ];
+    if req.final_step {
+        mounts.push(mount(req.layout.output(), container::OUTPUT, false));
+    }
+    // Each input on its own: the links in input/ point outside any mount.
+    for input in req.inputs {
+        mounts.push(mount(
+            input.host_path.clone(),
+            &format!("{}/{}", container::INPUT, input.name),
+            true,
+        ));
+    }
+    mounts
 }
 
 /// Where the SIF of an image is cached: by digest when known, else by reference.

@@ -580,6 +580,11 @@ pub fn plan_job(
             &run.image_ref,
             run.image_digest.as_deref(),
         ),
+        // Pinned by digest when known (a reference may carry both tag and digest).
+        ContainerRuntime::Pod => match run.image_digest.as_deref() {
+            Some(digest) if !digest.is_empty() => format!("{}@{digest}", run.image_ref),
+            _ => run.image_ref.clone(),
+        },
         ContainerRuntime::None => String::new(),
     };
     let job_command = command::build(&CommandRequest {

@@ -122,3 +122,14 @@ def test_the_rust_envelope_matches_python_celerys_field_by_field(redis_url: str)
     assert len(raw) == 2
     rust, python = (json.loads(m) for m in raw)  # LPUSH: the newest comes first
     assert comparable(rust) == comparable(python)
+
+
+def test_a_password_with_url_characters_reaches_the_broker_intact():
+    from kombu.utils.url import url_to_parts
+
+    from ccat_workflow_manager.celery_app import broker_url
+
+    password = "p@ss:w/rd%20#?"
+    url = broker_url({"REDIS_HOST": "redis.example", "REDIS_PORT": 6380, "REDIS_PASSWORD": password})
+    parts = url_to_parts(url)
+    assert (parts.hostname, parts.port, parts.password) == ("redis.example", 6380, password)
