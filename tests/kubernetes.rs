@@ -649,3 +649,72 @@ fn the_settings_name_the_namespace_and_the_trees_the_pods_see() {
         ]
     );
 }
+
+/// `ccat-wfm workflow-manager` with `HPC_BACKEND=kubernetes` finds the cluster through
+/// `KUBECONFIG` (in-cluster configuration needs a pod's service account and is not
+/// tested here).
+// Multi-threaded: the stand-in server answers while this thread waits for the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_reaches_the_cluster_named_by_kubeconfig() {
+    use common::lifecycle;
+    let t = common::TestDatabase::sqlite("kubernetes_cli").await;
+    t.db.migrate().await.unwrap();
+    let site = lifecycle::setup_site(
+        &t.db,
+        &lifecycle::pipeline_sql(&lifecycle::command_json(&["ok"]), 1.0, 0),
+        None,
+    )
+    .await;
+    let runs = lifecycle::create_runs(&t.db).await;
+    let cluster = api_server::Shared::default();
+    let url = api_server::start(cluster.clone()).await;
+    let kubeconfig = site.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: stand-in\n\
+             clusters:\n- name: stand-in\n  cluster:\n    server: {url}\n\
+             contexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: wfm\n\
+             users:\n- name: wfm\n  user:\n    token: not-a-real-token\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ccat-wfm"));
+    cmd.args(["workflow-manager", "--once", "--database-url", &t.url])
+        .env_remove("RUST_LOG");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CCAT_WORKFLOW_MANAGER_") || key.starts_with("KUBE") {
+            cmd.env_remove(key);
+        }
+    }
+    let archive = format!("[\"{}\"]", site.archive().display());
+    let out = cmd
+        .env("KUBECONFIG", &kubeconfig)
+        .env("CCAT_WORKFLOW_MANAGER_HPC_BACKEND", "kubernetes")
+        .env(
+            "CCAT_WORKFLOW_MANAGER_K8S_NAMESPACE",
+            "ccat-workflows-staging",
+        )
+        .env("CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR", site.base())
+        .env("CCAT_WORKFLOW_MANAGER_K8S_DATA_VOLUMES", &archive)
+        .env("CCAT_WORKFLOW_MANAGER_DISPATCH_MODE", "inline")
+        .env("CCAT_WORKFLOW_MANAGER_REDIS_HOST", "")
+        .current_dir(site.dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["submitted"], runs, "{report}");
+    let c = cluster.lock().unwrap();
+    assert_eq!(c.jobs.len(), runs);
+    assert!(
+        c.jobs
+            .values()
+            .all(|j| j["metadata"]["namespace"] == "ccat-workflows-staging")
+    );
+}

@@ -410,12 +410,16 @@ impl KubernetesBackend {
     async fn client(&self) -> Result<kube::Client, BackendError> {
         self.client
             .get_or_try_init(|| async {
-                let config = kube::Config::infer().await.map_err(|e| {
+                let mut config = kube::Config::infer().await.map_err(|e| {
                     BackendError::Invalid(format!(
                         "no Kubernetes configuration (KUBECONFIG, ~/.kube/config or \
                          in-cluster): {e}"
                     ))
                 })?;
+                // An API server that stops answering costs a cycle, never the manager.
+                config.connect_timeout = Some(std::time::Duration::from_secs(10));
+                config.read_timeout = Some(std::time::Duration::from_secs(60));
+                config.write_timeout = Some(std::time::Duration::from_secs(60));
                 kube::Client::try_from(config).map_err(|e| {
                     BackendError::Invalid(format!("the Kubernetes client cannot be made: {e}"))
                 })
