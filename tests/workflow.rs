@@ -196,6 +196,48 @@ async fn a_job_over_its_time_limit_is_killed_and_failed() {
     }
 }
 
+#[test]
+fn the_time_limit_also_ends_what_a_job_started_in_the_background() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("background.pid");
+    let script = format!("sleep 600 & echo $! > '{}'; wait", pid_file.display());
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_ccat-wfm"))
+        .args(["job-wrapper", "--dir"])
+        .arg(dir.path())
+        .args(["--time-limit", "1", "--", "/bin/sh", "-c", &script])
+        // As the local backend starts it: a process group of its own.
+        .process_group(0)
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("exit.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["timed_out"], true, "{record}");
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let stat = format!("/proc/{}/stat", pid.trim());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Gone, or a zombie waiting to be reaped by init: not running either way.
+    let alive = || {
+        std::fs::read_to_string(&stat)
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim().starts_with('Z'))
+            })
+            .is_some_and(|zombie| !zombie)
+    };
+    while alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !alive(),
+        "the background sleep {} outlived the time limit",
+        pid.trim()
+    );
+}
+
 #[tokio::test]
 async fn cancelling_a_run_stops_its_job_and_it_is_never_collected() {
     for t in TestDatabase::both_migrated("wf_cancel").await {

@@ -216,6 +216,47 @@ impl Backend for LocalBackend {
     }
 }
 
+/// Kills every other process of the wrapper's process group (the job's), so that what
+/// the job started in the background does not outlive its time limit. The wrapper
+/// itself lives on to record how the job ended.
+fn kill_rest_of_group() {
+    // SAFETY: getpgrp and getpid cannot fail and touch no memory.
+    let (group, me) = unsafe { (libc::getpgrp(), libc::getpid()) };
+    // Only a group of our own (as the backend starts us): never a shell's or a caller's.
+    if group != me {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Field 5 of /proc/<pid>/stat is the process group; the name before it (in
+        // parentheses) may hold spaces, so count from its closing parenthesis.
+        let in_group = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(2)?
+                    .parse()
+                    .ok()
+            })
+            == Some(group);
+        if in_group && pid != me {
+            // SAFETY: only sends a signal, to a process of the job's own group.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Writes `contents` to `path` atomically (temporary file, then rename), so a reader
 /// never sees half a record.
 fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -266,6 +307,7 @@ pub fn run_wrapper(dir: &Path, time_limit: Duration, argv: &[String]) -> u8 {
                     if done_rx.recv_timeout(time_limit).is_err() {
                         // SAFETY: signals our own child, which has not been reaped yet.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
+                        kill_rest_of_group();
                         true
                     } else {
                         false
