@@ -168,6 +168,33 @@ pub async fn run(
     }
 }
 
+/// The three loops in this one process (the embedded setup), stopped together.
+pub async fn run_all(
+    settings: &Settings,
+    db: &Database,
+    launcher: Option<Vec<String>>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    tokio::try_join!(
+        run(
+            ManagerKind::Trigger,
+            settings,
+            db,
+            launcher.clone(),
+            stop.clone()
+        ),
+        run(
+            ManagerKind::Workflow,
+            settings,
+            db,
+            launcher.clone(),
+            stop.clone()
+        ),
+        run(ManagerKind::Result, settings, db, launcher, stop),
+    )?;
+    Ok(())
+}
+
 /// The poll–work–sleep loop with its heartbeat.
 async fn run_loop<F, Fut>(
     settings: &Settings,

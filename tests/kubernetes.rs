@@ -361,6 +361,29 @@ mod api_server {
     }
 }
 
+/// A stand-in API server with an empty cluster, and its URL.
+async fn stand_in() -> (api_server::Shared, String) {
+    let cluster = api_server::Shared::default();
+    let url = api_server::start(cluster.clone()).await;
+    (cluster, url)
+}
+
+/// An SQLite database with the test pipeline, its archive and its PENDING runs (how many).
+async fn pending_pipeline(label: &str) -> (common::TestDatabase, common::lifecycle::Site, usize) {
+    use common::lifecycle;
+    let t = common::TestDatabase::sqlite(label).await;
+    t.db.migrate().await.unwrap();
+    let site = lifecycle::setup_site(
+        &t.db,
+        &lifecycle::pipeline_sql(&lifecycle::command_json(&["ok"]), 1.0, 0),
+        None,
+    )
+    .await;
+    let runs = lifecycle::create_runs(&t.db).await;
+    assert!(runs > 0);
+    (t, site, runs)
+}
+
 /// Puts a document of `tests/kubernetes/` in the place of a Job's status, or as its pod,
 /// keeping the names and labels the backend gave the Job.
 fn act(cluster: &api_server::Shared, job: &str, status_of: &str, pod: Option<(&str, &str)>) {
@@ -388,8 +411,7 @@ async fn the_client_creates_follows_reconciles_and_deletes_jobs() {
     use ccat_workflow_manager::backend::kubernetes::KubernetesBackend;
     use ccat_workflow_manager::backend::{Backend, JobRef};
 
-    let cluster = api_server::Shared::default();
-    let url = api_server::start(cluster.clone()).await;
+    let (cluster, url) = stand_in().await;
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("pipelines");
@@ -535,19 +557,8 @@ async fn the_managers_run_a_pipeline_on_the_kubernetes_backend() {
     use ccat_workflow_manager::workflow::WorkflowManager;
     use common::lifecycle;
 
-    let t = common::TestDatabase::sqlite("kubernetes_e2e").await;
-    t.db.migrate().await.unwrap();
-    let site = lifecycle::setup_site(
-        &t.db,
-        &lifecycle::pipeline_sql(&lifecycle::command_json(&["ok"]), 1.0, 0),
-        None,
-    )
-    .await;
-    let runs = lifecycle::create_runs(&t.db).await;
-    assert!(runs > 0);
-
-    let cluster = api_server::Shared::default();
-    let url = api_server::start(cluster.clone()).await;
+    let (t, site, runs) = pending_pipeline("kubernetes_e2e").await;
+    let (cluster, url) = stand_in().await;
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     let mut options = options();
     options.trees[0].path = site.base();
@@ -656,18 +667,8 @@ fn the_settings_name_the_namespace_and_the_trees_the_pods_see() {
 // Multi-threaded: the stand-in server answers while this thread waits for the command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_reaches_the_cluster_named_by_kubeconfig() {
-    use common::lifecycle;
-    let t = common::TestDatabase::sqlite("kubernetes_cli").await;
-    t.db.migrate().await.unwrap();
-    let site = lifecycle::setup_site(
-        &t.db,
-        &lifecycle::pipeline_sql(&lifecycle::command_json(&["ok"]), 1.0, 0),
-        None,
-    )
-    .await;
-    let runs = lifecycle::create_runs(&t.db).await;
-    let cluster = api_server::Shared::default();
-    let url = api_server::start(cluster.clone()).await;
+    let (t, site, runs) = pending_pipeline("kubernetes_cli").await;
+    let (cluster, url) = stand_in().await;
     let kubeconfig = site.dir.path().join("kubeconfig");
     std::fs::write(
         &kubeconfig,

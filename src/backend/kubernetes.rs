@@ -428,14 +428,12 @@ impl KubernetesBackend {
             .cloned()
     }
 
-    async fn jobs(&self) -> Result<kube::Api<Job>, BackendError> {
-        Ok(kube::Api::namespaced(
-            self.client().await?,
-            &self.options.namespace,
-        ))
-    }
-
-    async fn pods(&self) -> Result<kube::Api<Pod>, BackendError> {
+    /// Jobs or pods of the namespace.
+    async fn api<K>(&self) -> Result<kube::Api<K>, BackendError>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
         Ok(kube::Api::namespaced(
             self.client().await?,
             &self.options.namespace,
@@ -451,7 +449,7 @@ impl KubernetesBackend {
             container: Some(CONTAINER.into()),
             ..Default::default()
         };
-        let log = match self.pods().await {
+        let log = match self.api::<Pod>().await {
             Ok(pods) => pods.logs(name, &params).await,
             Err(_) => return,
         };
@@ -475,7 +473,7 @@ impl super::Backend for KubernetesBackend {
     async fn submit(&self, spec: &JobSpec) -> Result<String, BackendError> {
         let job = job_manifest(spec, &self.options)?;
         match self
-            .jobs()
+            .api::<Job>()
             .await?
             .create(&kube::api::PostParams::default(), &job)
             .await
@@ -498,7 +496,7 @@ impl super::Backend for KubernetesBackend {
             managed()
         );
         let listed = self
-            .jobs()
+            .api::<Job>()
             .await?
             .list(&kube::api::ListParams::default().labels(&selector))
             .await
@@ -516,13 +514,13 @@ impl super::Backend for KubernetesBackend {
     ) -> Result<std::collections::HashMap<String, JobState>, BackendError> {
         let params = kube::api::ListParams::default().labels(&managed());
         let listed = self
-            .jobs()
+            .api::<Job>()
             .await?
             .list(&params)
             .await
             .map_err(|e| api_error("listing Jobs", e))?;
         let pods = self
-            .pods()
+            .api::<Pod>()
             .await?
             .list(&params)
             .await
@@ -580,7 +578,7 @@ impl super::Backend for KubernetesBackend {
 
     async fn cancel(&self, job: &super::JobRef) -> Result<(), BackendError> {
         match self
-            .jobs()
+            .api::<Job>()
             .await?
             .delete(&job.job_id, &kube::api::DeleteParams::background())
             .await

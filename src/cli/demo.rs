@@ -19,7 +19,7 @@ use super::{EXIT_PROBLEM, views};
 use crate::config::{DatabaseSettings, DispatchMode, HpcBackend, Settings, StagingMode};
 use crate::db::Database;
 use crate::db::synthetic::{DemoArchive, DemoPackage};
-use crate::managers::{self, ManagerKind};
+use crate::managers;
 use crate::trigger::{self, TriggerOptions};
 use crate::workflow::command::ContainerRuntime;
 
@@ -33,16 +33,6 @@ const SOURCES: [&str; 2] = ["NGC253", "Orion-KL"];
 const MODULES: [&str; 2] = ["LFA", "HFA"];
 const SCANS_PER_SOURCE: i64 = 2;
 const CHANNELS: i64 = 64;
-const STATES: [&str; 8] = [
-    "PENDING",
-    "STAGING_DATA",
-    "SUBMITTED",
-    "RUNNING",
-    "COLLECTING_RESULTS",
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-];
 
 /// How the demo ended.
 enum Outcome {
@@ -241,25 +231,7 @@ async fn run_managers(
 ) -> anyhow::Result<Outcome> {
     let (stop, stopped) = watch::channel(false);
     let mut interrupted = super::stop_on_signals()?;
-    let managers = async {
-        tokio::try_join!(
-            managers::run(
-                ManagerKind::Trigger,
-                settings,
-                db,
-                launcher.clone(),
-                stopped.clone()
-            ),
-            managers::run(
-                ManagerKind::Workflow,
-                settings,
-                db,
-                launcher.clone(),
-                stopped.clone()
-            ),
-            managers::run(ManagerKind::Result, settings, db, launcher, stopped),
-        )
-    };
+    let managers = managers::run_all(settings, db, launcher, stopped);
     let watcher = async {
         let started = Instant::now();
         let mut display = Progress::new();
@@ -337,19 +309,11 @@ impl Progress {
         counts: &[crate::db::runs::StepCount],
         elapsed: Duration,
     ) -> anyhow::Result<()> {
-        let mut steps: Vec<(String, [i64; 8])> = Vec::new();
-        for c in counts {
-            if steps.last().is_none_or(|(name, _)| *name != c.step) {
-                steps.push((c.step.clone(), [0; 8]));
-            }
-            if let Some(i) = c
-                .status
-                .as_deref()
-                .and_then(|s| STATES.iter().position(|x| *x == s))
-            {
-                steps.last_mut().expect("pushed above").1[i] += c.runs;
-            }
-        }
+        let steps = views::counts_by_state(
+            counts
+                .iter()
+                .map(|c| (c.step.as_str(), c.status.as_deref(), c.runs)),
+        );
         let mut out = std::io::stdout().lock();
         if self.terminal {
             let rows: Vec<Vec<String>> = steps
@@ -360,20 +324,10 @@ impl Progress {
                         .collect()
                 })
                 .collect();
-            let table = views::render_table(
-                &[
-                    "STEP",
-                    "PENDING",
-                    "STAGING",
-                    "SUBMITTED",
-                    "RUNNING",
-                    "COLLECTING",
-                    "COMPLETED",
-                    "FAILED",
-                    "CANCELLED",
-                ],
-                &rows,
-            );
+            let header: Vec<&str> = std::iter::once("STEP")
+                .chain(views::STATE_COLUMNS)
+                .collect();
+            let table = views::render_table(&header, &rows);
             let text = format!(
                 "\n{PIPELINE} after {:.0} s:\n{table}",
                 elapsed.as_secs_f64()

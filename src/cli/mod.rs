@@ -1085,23 +1085,7 @@ async fn run_all(
     }
     let stop = stop_on_signals()?;
     serve_metrics(settings, &stop).await?;
-    tokio::try_join!(
-        managers::run(
-            ManagerKind::Trigger,
-            settings,
-            db,
-            launcher.clone(),
-            stop.clone()
-        ),
-        managers::run(
-            ManagerKind::Workflow,
-            settings,
-            db,
-            launcher.clone(),
-            stop.clone()
-        ),
-        managers::run(ManagerKind::Result, settings, db, launcher, stop),
-    )?;
+    managers::run_all(settings, db, launcher, stop).await?;
     Ok(0)
 }
 

@@ -57,6 +57,45 @@ pub(super) async fn run_detail(
     Ok(0)
 }
 
+/// Run states in lifecycle order, and the column headers they are shown under.
+const STATES: [&str; 8] = [
+    "PENDING",
+    "STAGING_DATA",
+    "SUBMITTED",
+    "RUNNING",
+    "COLLECTING_RESULTS",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+];
+pub(super) const STATE_COLUMNS: [&str; 8] = [
+    "PENDING",
+    "STAGING",
+    "SUBMITTED",
+    "RUNNING",
+    "COLLECTING",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+];
+
+/// Folds `(name, status, runs)` rows, grouped by name as the database orders them, into
+/// run counts per name in [`STATES`] order; a name without runs (no status) counts zeros.
+pub(super) fn counts_by_state<'a>(
+    rows: impl IntoIterator<Item = (&'a str, Option<&'a str>, i64)>,
+) -> Vec<(String, [i64; 8])> {
+    let mut out: Vec<(String, [i64; 8])> = Vec::new();
+    for (name, status, runs) in rows {
+        if out.last().is_none_or(|(last, _)| last != name) {
+            out.push((name.to_owned(), [0; 8]));
+        }
+        if let Some(i) = status.and_then(|s| STATES.iter().position(|x| *x == s)) {
+            out.last_mut().expect("pushed above").1[i] += runs;
+        }
+    }
+    out
+}
+
 /// `ccat-wfm status`: three tables, or one JSON document.
 pub(super) async fn status(db: &Database, json: bool, limit: i64) -> anyhow::Result<u8> {
     let counts = db.status_counts().await?;
@@ -73,50 +112,24 @@ pub(super) async fn status(db: &Database, json: bool, limit: i64) -> anyhow::Res
         );
         return Ok(0);
     }
-    const STATES: [&str; 8] = [
-        "PENDING",
-        "STAGING_DATA",
-        "SUBMITTED",
-        "RUNNING",
-        "COLLECTING_RESULTS",
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-    ];
-    let mut pipelines: Vec<(String, bool, [i64; 8])> = Vec::new();
-    for c in &counts {
-        if pipelines
-            .last()
-            .is_none_or(|(name, _, _)| *name != c.pipeline)
-        {
-            pipelines.push((c.pipeline.clone(), c.enabled, [0; 8]));
-        }
-        if let Some(i) = c
-            .status
-            .as_deref()
-            .and_then(|s| STATES.iter().position(|x| *x == s))
-        {
-            pipelines.last_mut().expect("pushed above").2[i] += c.runs;
-        }
-    }
-    let mut header = vec!["PIPELINE"];
-    header.extend([
-        "PENDING",
-        "STAGING",
-        "SUBMITTED",
-        "RUNNING",
-        "COLLECTING",
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-    ]);
+    let disabled: std::collections::HashSet<&str> = counts
+        .iter()
+        .filter(|c| !c.enabled)
+        .map(|c| c.pipeline.as_str())
+        .collect();
+    let pipelines = counts_by_state(
+        counts
+            .iter()
+            .map(|c| (c.pipeline.as_str(), c.status.as_deref(), c.runs)),
+    );
+    let header: Vec<&str> = std::iter::once("PIPELINE").chain(STATE_COLUMNS).collect();
     let rows: Vec<Vec<String>> = pipelines
         .iter()
-        .map(|(name, enabled, n)| {
-            let mut row = vec![if *enabled {
-                name.clone()
-            } else {
+        .map(|(name, n)| {
+            let mut row = vec![if disabled.contains(name.as_str()) {
                 format!("{name} (disabled)")
+            } else {
+                name.clone()
             }];
             row.extend(n.iter().map(i64::to_string));
             row
