@@ -7,6 +7,7 @@
 //! what is worth crossing into Python at all.
 
 use std::fmt::Write;
+use std::sync::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -74,26 +75,57 @@ impl<S: Subscriber> Layer<S> for PythonLogging {
         let logger_name = meta.target().replace("::", ".");
         let level = python_level(meta.level());
         // Not while the interpreter shuts down: the record would have nowhere to go.
-        let _ = Python::try_attach(|py| -> PyResult<()> {
-            let logger = py
-                .import("logging")?
-                .call_method1("getLogger", (logger_name,))?;
-            if !logger
-                .call_method1("isEnabledFor", (level,))?
-                .extract::<bool>()?
-            {
-                return Ok(());
+        let _ = Python::try_attach(|py| {
+            let logged = log_to_python(py, &logger_name, level, &text, &fields.pairs);
+            if let Err(e) = logged {
+                keep_if_interrupt(py, e);
             }
-            let rust_fields = PyDict::new(py);
-            for (key, value) in &fields.pairs {
-                rust_fields.set_item(key, value)?;
-            }
-            let extra = PyDict::new(py);
-            extra.set_item("rust_fields", rust_fields)?;
-            let kwargs = PyDict::new(py);
-            kwargs.set_item("extra", extra)?;
-            logger.call_method("log", (level, text), Some(&kwargs))?;
-            Ok(())
         });
     }
+}
+
+/// A `KeyboardInterrupt` or `SystemExit` raised by a signal handler while a record was
+/// being logged: Python runs pending handlers whenever it runs bytecode on the main
+/// thread, so Ctrl-C can surface inside a logging call, where it must not be lost.
+static INTERRUPT: Mutex<Option<PyErr>> = Mutex::new(None);
+
+fn keep_if_interrupt(py: Python<'_>, e: PyErr) {
+    // Ordinary exceptions of a handler are logging's business (it reports them itself).
+    if !e.is_instance_of::<pyo3::exceptions::PyException>(py) {
+        let mut slot = INTERRUPT.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    }
+}
+
+/// The interrupt a logging call caught, if any; taken once.
+pub fn take_interrupt() -> Option<PyErr> {
+    INTERRUPT.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+fn log_to_python(
+    py: Python<'_>,
+    logger_name: &str,
+    level: u8,
+    text: &str,
+    pairs: &[(String, String)],
+) -> PyResult<()> {
+    let logger = py
+        .import("logging")?
+        .call_method1("getLogger", (logger_name,))?;
+    if !logger
+        .call_method1("isEnabledFor", (level,))?
+        .extract::<bool>()?
+    {
+        return Ok(());
+    }
+    let rust_fields = PyDict::new(py);
+    for (key, value) in pairs {
+        rust_fields.set_item(key, value)?;
+    }
+    let extra = PyDict::new(py);
+    extra.set_item("rust_fields", rust_fields)?;
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("extra", extra)?;
+    logger.call_method("log", (level, text), Some(&kwargs))?;
+    Ok(())
 }

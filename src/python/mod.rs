@@ -387,7 +387,8 @@ fn start_heartbeat(service: &str, settings: &PySettings) -> PyHeartbeat {
 /// Runs a manager's loop (`trigger-manager`, `workflow-manager` or `result-manager`)
 /// until Ctrl-C (or another signal Python turns into an exception): the GIL is released
 /// while it runs, the interpreter's signal handlers are run every 100 ms, and on a
-/// signal the current cycle finishes before the exception is raised here.
+/// signal the current cycle finishes before the exception is raised here (also when the
+/// handler raised inside a Rust log event that was being written through `logging`).
 #[pyfunction]
 fn run_manager(py: Python<'_>, name: &str, settings: &PySettings) -> PyResult<()> {
     // Inside Python, Rust's log events go to Python's logging.
@@ -415,7 +416,11 @@ fn run_manager(py: Python<'_>, name: &str, settings: &PySettings) -> PyResult<()
                 tokio::select! {
                     result = &mut manager => break result,
                     _ = ticks.tick(), if interrupted.is_none() => {
-                        if let Err(e) = Python::attach(|py| py.check_signals()) {
+                        // A signal handler may also have raised inside a logging call.
+                        let signalled = Python::attach(|py| py.check_signals())
+                            .err()
+                            .or_else(logging::take_interrupt);
+                        if let Some(e) = signalled {
                             interrupted = Some(e);
                             let _ = stop.send(true);
                         }

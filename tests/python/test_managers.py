@@ -171,6 +171,49 @@ def test_a_manager_loop_runs_from_python_logs_through_logging_and_stops_on_ctrl_
         assert conn.execute("SELECT COUNT(*) FROM executed_reduction_step").fetchone() == (2,)
 
 
+INTERRUPT_IN_LOGGING_SCRIPT = """
+import logging, os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+class CtrlCWhileLogging(logging.Handler):
+    # Ctrl-C that arrives while Python code of a logging call runs: the handler raises
+    # KeyboardInterrupt inside that call, not where the loop checks for signals.
+    fired = False
+
+    def emit(self, record):
+        if not self.fired and "trigger cycle done" in record.getMessage():
+            CtrlCWhileLogging.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+logging.getLogger().addHandler(CtrlCWhileLogging())
+from ccat_workflow_manager.config import make_settings
+from ccat_workflow_manager.managers import run_manager
+try:
+    run_manager("trigger-manager", make_settings())
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_that_lands_inside_a_logging_call_still_stops_the_loop(database, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_TRIGGER_MANAGER_POLL_INTERVAL", "0.2")
+    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_REDIS_PORT", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_IN_LOGGING_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.stdout == "interrupted\n", (proc.stdout, proc.stderr)
+    assert "manager stopping" in proc.stderr, proc.stderr
+
+
 def test_command_builder_shows_the_job_without_writing_anything(database, tmp_path, monkeypatch):
     from ccat_workflow_manager import WorkflowManagerError
     from ccat_workflow_manager.execution.command_builder import CommandBuilder
