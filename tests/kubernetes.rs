@@ -45,7 +45,7 @@ fn spec(runtime: ContainerRuntime, input: &str) -> JobSpec {
 }
 
 fn spec_in(base: &std::path::Path, runtime: ContainerRuntime, input: &str, run: i64) -> JobSpec {
-    let layout = RunLayout::new(base, "chai-maps", "source=NGC253", "map", 1);
+    let layout = RunLayout::new(base, "chai-maps", "source=NGC253", "map", run, 1);
     let command = command::build(&CommandRequest {
         runtime,
         apptainer: "apptainer",

@@ -139,6 +139,34 @@ async fn three_steps_from_packages_to_products_with_lineage_both_ways() {
         let lineage = db.product_lineage(new_map.id).await.unwrap().unwrap();
         let packages: Vec<i64> = lineage.raw_data_packages.iter().map(|p| p.id).collect();
         assert_eq!(packages, [4, 7]);
+
+        // The rerun wrote where the first runs of scan 3 and M82 had: their products were
+        // set aside first, so every product registered is still there with its checksum,
+        // no two share a file, and the replaced ones are under superseded/run-{id}/.
+        let products = lifecycle::products(db).await;
+        let mut paths = std::collections::HashSet::new();
+        for p in &products {
+            let content = std::fs::read(&p.full_path).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+            assert_eq!(lifecycle::sha256_hex(&content), p.checksum, "{p:?}");
+            assert!(
+                paths.insert(p.full_path.clone()),
+                "two products at {}",
+                p.full_path
+            );
+        }
+        let superseded: Vec<&str> = products
+            .iter()
+            .filter(|p| p.full_path.contains("/superseded/"))
+            .map(|p| p.full_path.as_str())
+            .collect();
+        assert_eq!(superseded.len(), 4, "{superseded:?}"); // calibrate, baseline, map and its QA
+        assert!(
+            superseded
+                .iter()
+                .any(|p| p.contains("/source=M82/superseded/run-")
+                    && p.ends_with("/output/science/map.fits")),
+            "{superseded:?}"
+        );
     }
 }
 

@@ -60,18 +60,18 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
         // The layout of SPEC §6, owner and group only, and the manifest.
         let root = site.base().join("calib/executed_obs_unit=1");
         for dir in [
-            "workspace/calibrate",
-            "config/calibrate/attempt-1",
-            "logs/calibrate/attempt-1",
+            root.join("workspace/calibrate"),
+            lifecycle::attempt_dir(&root, "config", "calibrate", 1),
+            lifecycle::attempt_dir(&root, "logs", "calibrate", 1),
         ] {
-            let mode = std::fs::metadata(root.join(dir))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o750, "{dir}");
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o750, "{}", dir.display());
         }
         let manifest: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(root.join("config/calibrate/attempt-1/manifest.json")).unwrap(),
+            &std::fs::read(
+                lifecycle::attempt_dir(&root, "config", "calibrate", 1).join("manifest.json"),
+            )
+            .unwrap(),
         )
         .unwrap();
         assert_eq!(manifest["manifest_version"], 1);
@@ -123,7 +123,10 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
             Some(r#"{"rms_mk":12.5}"#)
         );
         assert!(products.iter().any(|p| p.product_type == "QA_METRIC"));
-        let log = std::fs::read_to_string(root.join("logs/calibrate/attempt-1/job.log")).unwrap();
+        let log = std::fs::read_to_string(
+            lifecycle::attempt_dir(&root, "logs", "calibrate", 1).join("job.log"),
+        )
+        .unwrap();
         assert!(log.contains("of step calibrate"), "{log}");
     }
 }
@@ -162,9 +165,10 @@ async fn a_failing_job_is_retried_then_fails_with_its_reason_and_log() {
             let tail = run.log_tail.unwrap_or_default();
             assert!(tail.contains("step failing on purpose"), "{tail}");
         }
+        let root = site.base().join("calib/executed_obs_unit=1");
         assert!(
-            site.base()
-                .join("calib/executed_obs_unit=1/logs/calibrate/attempt-2/exit.json")
+            lifecycle::attempt_dir(&root, "logs", "calibrate", 2)
+                .join("exit.json")
                 .is_file()
         );
         // Failed for good: the trigger-manager does not recreate them.
@@ -339,8 +343,13 @@ async fn data_transfer_staging_waits_then_submits_and_a_failed_staging_fails_the
         );
         // The staged copies are the ones linked.
         let manifest = std::fs::read_to_string(
-            site.base()
-                .join("calib/executed_obs_unit=1/config/calibrate/attempt-1/manifest.json"),
+            lifecycle::attempt_dir(
+                &site.base().join("calib/executed_obs_unit=1"),
+                "config",
+                "calibrate",
+                1,
+            )
+            .join("manifest.json"),
         )
         .unwrap();
         let link = site
@@ -611,7 +620,7 @@ async fn a_result_manager_killed_mid_collection_registers_everything_once_on_res
         let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
         assert_eq!(wm.cycle(Utc::now()).await.unwrap().submitted, 1);
         let root = site.base().join("calib/executed_obs_unit=3");
-        let exit = root.join("logs/calibrate/attempt-1/exit.json");
+        let exit = root.join("logs/calibrate/run-1/attempt-1/exit.json");
         for _ in 0..300 {
             if exit.exists() {
                 break;

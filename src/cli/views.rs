@@ -26,6 +26,7 @@ pub(super) async fn run_detail(
         &run.pipeline,
         &run.sub_group_key,
         &run.step,
+        run.id,
         run.retry_count + 1,
     );
     let current = crate::backend::read_tail(

@@ -28,8 +28,27 @@ pub(crate) fn with_ids(dialect: Dialect, text: &str) -> sqlx::AssertSqlSafe<Stri
     sqlx::AssertSqlSafe(text.replace("{ids}", ids).replace("{active}", ACTIVE))
 }
 
+/// Text from a job (its log, a reason quoting it) as PostgreSQL's TEXT takes it: NUL
+/// bytes, which it refuses, become U+FFFD rather than costing the whole update.
+fn without_nul(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}").into()
+    } else {
+        text.into()
+    }
+}
+
 fn ids_json(ids: &[i64]) -> String {
     serde_json::to_string(ids).expect("ids serialise")
+}
+
+/// A registered copy of an earlier run's product (see `earlier_product_copies`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EarlierCopy {
+    pub copy_id: i64,
+    pub run_id: i64,
+    pub relative_path: String,
+    pub full_path: String,
 }
 
 /// What limits a claim.
@@ -121,6 +140,8 @@ pub struct ActiveJob {
     pub step_name: String,
     pub retry_count: i32,
     pub submitted_at: Option<DateTime<Utc>>,
+    /// Whether the step is its pipeline's last (it writes to `output/`).
+    pub is_final: bool,
 }
 
 /// How a job ended, as recorded on its run.
@@ -179,6 +200,10 @@ impl Database {
                 LEFT JOIN active a ON a.pipeline_id = p.id \
                 WHERE r.status = 'PENDING' AND p.enabled AND p.processing_location_id = $1 \
                   AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= $2) \
+                  AND NOT EXISTS (SELECT 1 FROM executed_reduction_step o \
+                      WHERE o.reduction_step_id = r.reduction_step_id \
+                        AND o.sub_group_key = r.sub_group_key AND o.id <> r.id \
+                        AND (o.status IN {active} OR (o.status = 'PENDING' AND o.id < r.id))) \
             ) \
             SELECT id FROM candidates \
             WHERE max_active_runs IS NULL OR rank <= max_active_runs - n_active \
@@ -381,6 +406,47 @@ impl Database {
         .map_err(DbError::query("reading a run's upstream products"))
     }
 
+    /// The copies at `location` of the products of the other runs of a run's step and
+    /// sub-group: what may sit in the output directory the run is about to write to.
+    pub async fn earlier_product_copies(
+        &self,
+        run_id: i64,
+        location: i64,
+    ) -> Result<Vec<EarlierCopy>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT c.id AS copy_id, d.executed_reduction_step_id AS run_id, \
+                        d.relative_path, c.full_path \
+                 FROM executed_reduction_step r \
+                 JOIN executed_reduction_step o ON o.reduction_step_id = r.reduction_step_id \
+                      AND o.sub_group_key = r.sub_group_key AND o.id <> r.id \
+                 JOIN data_product d ON d.executed_reduction_step_id = o.id \
+                 JOIN physical_copy c ON c.data_product_id = d.id AND c.data_location_id = $2 \
+                 WHERE r.id = $1 ORDER BY c.id",
+            )
+            .bind(run_id)
+            .bind(location)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query(
+            "reading the products of a sub-group's earlier runs",
+        ))
+    }
+
+    /// Points a product's copy at the place its file was moved to.
+    pub async fn move_product_copy(&self, copy_id: i64, full_path: &str) -> Result<(), DbError> {
+        on_pool!(self, pool => {
+            sqlx::query("UPDATE physical_copy SET full_path = $2 WHERE id = $1")
+                .bind(copy_id)
+                .bind(full_path)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .map_err(DbError::query("recording a product's new place"))
+    }
+
     /// The newest staging job of a run.
     pub async fn staging_job_of_run(&self, run_id: i64) -> Result<Option<StagingJobRow>, DbError> {
         on_pool!(self, pool => {
@@ -529,8 +595,8 @@ impl Database {
             .bind(run_id)
             .bind(expected)
             .bind(status)
-            .bind(reason)
-            .bind(log_tail)
+            .bind(without_nul(reason))
+            .bind(log_tail.map(without_nul))
             .bind(metrics.exit_code)
             .bind(metrics.wall_time_seconds)
             .bind(metrics.cpu_hours)
@@ -551,7 +617,9 @@ impl Database {
         on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT r.id, r.status, r.hpc_job_id, p.name AS pipeline_name, r.sub_group_key, \
-                        s.name AS step_name, r.retry_count, r.submitted_at \
+                        s.name AS step_name, r.retry_count, r.submitted_at, \
+                        NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
+                                    WHERE d.depends_on_step_id = s.id) AS is_final \
                  FROM executed_reduction_step r \
                  JOIN reduction_step s ON s.id = r.reduction_step_id \
                  JOIN pipeline p ON p.id = s.pipeline_id \
@@ -692,7 +760,9 @@ impl Database {
         on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT r.id, r.status, r.hpc_job_id, p.name AS pipeline_name, r.sub_group_key, \
-                        s.name AS step_name, r.retry_count, r.submitted_at \
+                        s.name AS step_name, r.retry_count, r.submitted_at, \
+                        NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
+                                    WHERE d.depends_on_step_id = s.id) AS is_final \
                  FROM executed_reduction_step r \
                  JOIN reduction_step s ON s.id = r.reduction_step_id \
                  JOIN pipeline p ON p.id = s.pipeline_id \

@@ -99,17 +99,21 @@ impl<B: Backend> ResultManager<B> {
         Ok(report)
     }
 
-    fn job_ref(&self, job: &ActiveJob) -> JobRef {
-        let layout = RunLayout::new(
+    fn layout(&self, job: &ActiveJob) -> RunLayout {
+        RunLayout::new(
             &self.options.pipeline_base_dir,
             &job.pipeline_name,
             &job.sub_group_key,
             &job.step_name,
+            job.id,
             job.retry_count + 1,
-        );
+        )
+    }
+
+    fn job_ref(&self, job: &ActiveJob) -> JobRef {
         JobRef {
             job_id: job.hpc_job_id.clone(),
-            attempt_dir: layout.attempt_dir(),
+            attempt_dir: self.layout(job).attempt_dir(),
         }
     }
 
@@ -133,7 +137,11 @@ impl<B: Backend> ResultManager<B> {
             .collecting_runs(self.options.processing_location_id)
             .await?
         {
-            self.collect_one(&run, report).await?;
+            // One run that cannot be registered must not hold up the others' collection.
+            if let Err(e) = self.collect_one(&run, report).await {
+                tracing::error!(run_id = run.id, error = %e, "outputs not registered; trying again next cycle");
+                report.errors.push(format!("run {}: {e}", run.id));
+            }
         }
         Ok(())
     }
@@ -151,6 +159,7 @@ impl<B: Backend> ResultManager<B> {
             &run.pipeline_name,
             &run.sub_group_key,
             &run.step_name,
+            run.id,
             run.retry_count + 1,
         );
         let (found, mut problems) = collect::discover(&layout, run.is_final);
@@ -229,6 +238,13 @@ impl<B: Backend> ResultManager<B> {
                 .unwrap_or(JobState::Vanished);
             let fail = |reason: String, metrics: RunMetrics| async move {
                 let tail = self.backend.log_tail(job_ref, LOG_TAIL_BYTES);
+                // What the attempt wrote is no product: it goes beside the attempt's log,
+                // so the output directory holds only registered products.
+                let out = self.layout(job).step_output(job.is_final);
+                let kept = job_ref.attempt_dir.join("left-output");
+                if let Err(e) = crate::workflow::outputs::move_leftovers(&out, &kept) {
+                    tracing::warn!(run_id = job.id, error = %e, "a failed attempt's output not moved");
+                }
                 tracing::warn!(run_id = job.id, job_id = %job.hpc_job_id, %reason, "job failed");
                 self.db
                     .fail_run(

@@ -253,7 +253,7 @@ mod tests {
     use super::*;
 
     fn layout() -> RunLayout {
-        RunLayout::new(Path::new("/base"), "p", "scan=1", "cal", 1)
+        RunLayout::new(Path::new("/base"), "p", "scan=1", "cal", 9, 1)
     }
 
     #[test]
@@ -280,7 +280,9 @@ mod tests {
         assert_eq!(&argv[..3], ["apptainer", "exec", "--cleanenv"]);
         assert!(argv.contains(&"/base/p/scan=1/workspace:/workflow/workspace".to_owned()));
         assert!(
-            argv.contains(&"/base/p/scan=1/config/cal/attempt-1:/workflow/config:ro".to_owned())
+            argv.contains(
+                &"/base/p/scan=1/config/cal/run-9/attempt-1:/workflow/config:ro".to_owned()
+            )
         );
         assert!(argv.contains(&"/base/p/scan=1/output:/workflow/output".to_owned()));
         assert!(argv.contains(&"/archive/a b.tar:/workflow/input/3_a b.tar:ro".to_owned()));

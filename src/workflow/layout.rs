@@ -6,10 +6,15 @@
 //!     input/{step}/                 links to the run's inputs (read-only in the container)
 //!     workspace/{step}/             intermediates, shared by the pipeline's steps
 //!     output/{science,qa,plots,statistics,logs}/   the final step's products
-//!     config/{step}/attempt-{n}/manifest.json
+//!     config/{step}/run-{id}/attempt-{n}/manifest.json
 //!     logs/                         the software's own logs (/workflow/logs)
-//!     logs/{step}/attempt-{n}/      job.log, exit.json, job.sbatch (the backend's)
+//!     logs/{step}/run-{id}/attempt-{n}/   job.log, exit.json, job.sbatch (the backend's)
+//!     superseded/run-{id}/...       products of earlier runs of the sub-group, set aside
 //! ```
+//!
+//! Runs of one step and sub-group share its output directory, one after the other (never
+//! two at once); everything per attempt is also per run, so no record of an earlier
+//! run's attempt can be taken for a later one's.
 
 use std::path::{Path, PathBuf};
 
@@ -54,16 +59,25 @@ pub fn path_component(name: &str) -> String {
 pub struct RunLayout {
     pub root: PathBuf,
     pub step: String,
+    pub run_id: i64,
     pub attempt: i32,
 }
 
 impl RunLayout {
-    pub fn new(base: &Path, pipeline: &str, sub_group_key: &str, step: &str, attempt: i32) -> Self {
+    pub fn new(
+        base: &Path,
+        pipeline: &str,
+        sub_group_key: &str,
+        step: &str,
+        run_id: i64,
+        attempt: i32,
+    ) -> Self {
         RunLayout {
             root: base
                 .join(path_component(pipeline))
                 .join(path_component(sub_group_key)),
             step: path_component(step),
+            run_id,
             attempt,
         }
     }
@@ -86,6 +100,7 @@ impl RunLayout {
         self.root
             .join("config")
             .join(&self.step)
+            .join(format!("run-{}", self.run_id))
             .join(format!("attempt-{}", self.attempt))
     }
     pub fn manifest(&self) -> PathBuf {
@@ -95,7 +110,25 @@ impl RunLayout {
     pub fn attempt_dir(&self) -> PathBuf {
         self.logs()
             .join(&self.step)
+            .join(format!("run-{}", self.run_id))
             .join(format!("attempt-{}", self.attempt))
+    }
+    /// Where this step writes its products: `output/` for the final step, else its
+    /// workspace directory.
+    pub fn step_output(&self, final_step: bool) -> PathBuf {
+        if final_step {
+            self.output()
+        } else {
+            self.step_workspace()
+        }
+    }
+    /// Where a registered product of an earlier run `run_id` of this sub-group goes when a
+    /// later run needs the output directory (`relative_path` as registered).
+    pub fn superseded(&self, run_id: i64, relative_path: &str) -> PathBuf {
+        self.root
+            .join("superseded")
+            .join(format!("run-{run_id}"))
+            .join(relative_path)
     }
     /// Every directory to create before the job starts.
     pub fn directories(&self, final_step: bool) -> Vec<PathBuf> {
@@ -212,14 +245,25 @@ mod tests {
 
     #[test]
     fn layout_follows_the_spec() {
-        let l = RunLayout::new(Path::new("/data/p"), "chai maps", "source=NGC253", "map", 2);
+        let l = RunLayout::new(
+            Path::new("/data/p"),
+            "chai maps",
+            "source=NGC253",
+            "map",
+            7,
+            2,
+        );
         assert_eq!(l.root, Path::new("/data/p/chai~20maps/source=NGC253"));
         assert_eq!(l.step_workspace(), l.root.join("workspace/map"));
         assert_eq!(
             l.manifest(),
-            l.root.join("config/map/attempt-2/manifest.json")
+            l.root.join("config/map/run-7/attempt-2/manifest.json")
         );
-        assert_eq!(l.attempt_dir(), l.root.join("logs/map/attempt-2"));
+        assert_eq!(l.attempt_dir(), l.root.join("logs/map/run-7/attempt-2"));
+        assert_eq!(
+            l.superseded(5, "output/science/map.fits"),
+            l.root.join("superseded/run-5/output/science/map.fits")
+        );
         assert_eq!(l.directories(true).len(), 10);
         assert_eq!(l.directories(false).len(), 5);
     }

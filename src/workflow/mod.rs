@@ -8,6 +8,7 @@
 
 pub mod command;
 pub mod layout;
+pub mod outputs;
 
 use std::path::{Path, PathBuf};
 
@@ -288,6 +289,50 @@ impl<B: Backend> WorkflowManager<B> {
         Ok(())
     }
 
+    /// Empties the step's output directory for this attempt (see [`outputs`]): earlier
+    /// runs' products to `superseded/`, their copies re-pointed one by one after each
+    /// move; what else is there to this attempt's `previous-output/`.
+    async fn clear_output(&self, run: &RunWork, layout: &RunLayout) -> Result<(), RunError> {
+        let out = layout.step_output(run.is_final);
+        let copies = self
+            .db
+            .earlier_product_copies(run.id, run.processing_location_id)
+            .await?;
+        for copy in copies {
+            let from = PathBuf::from(&copy.full_path);
+            if !from.starts_with(&out) {
+                continue;
+            }
+            let to = layout.superseded(copy.run_id, &copy.relative_path);
+            match outputs::move_product(&from, &to) {
+                Ok(true) => {
+                    self.db
+                        .move_product_copy(copy.copy_id, &to.to_string_lossy())
+                        .await?;
+                    tracing::info!(product_of_run = copy.run_id, to = %to.display(),
+                        "earlier run's product set aside");
+                }
+                Ok(false) => tracing::warn!(product_of_run = copy.run_id, path = %from.display(),
+                    "a registered product's file is missing"),
+                Err(e) => {
+                    return Err(RunError::Transient(format!(
+                        "setting aside run {}'s product: {e}",
+                        copy.run_id
+                    )));
+                }
+            }
+        }
+        let moved = outputs::move_leftovers(&out, &layout.attempt_dir().join("previous-output"))
+            .map_err(|e| RunError::Transient(format!("clearing the output directory: {e}")))?;
+        if moved > 0 {
+            tracing::warn!(
+                entries = moved,
+                "unregistered output of an earlier attempt moved to previous-output"
+            );
+        }
+        Ok(())
+    }
+
     /// Lease owners on this host whose process is gone: their runs are taken over at
     /// once rather than when the lease expires.
     async fn dead_owners(&self) -> Result<Vec<String>, DbError> {
@@ -314,12 +359,16 @@ impl<B: Backend> WorkflowManager<B> {
             &run.pipeline_name,
             &run.sub_group_key,
             &run.step_name,
+            run.id,
             run.attempt(),
         );
         let tag = job_tag(&self.tag_prefix, run.id, run.attempt());
         // An earlier holder recorded its intent and may have submitted before it died:
-        // the backend is asked before anything is submitted again.
-        if run.submitted_at.is_some() {
+        // the backend is asked before anything is submitted again. The attempt's
+        // directory (per run and attempt, made just before the intent is recorded) is
+        // asked about too, so a submission is found even if the database lost the
+        // intent's commit in a crash.
+        if run.submitted_at.is_some() || layout.attempt_dir().exists() {
             let found = self
                 .backend
                 .find(&tag, &layout.attempt_dir())
@@ -364,6 +413,7 @@ impl<B: Backend> WorkflowManager<B> {
         let products = self.db.run_product_input_copies(run.id, location).await?;
         let plan =
             plan_job(&self.options, &tag, run, &raw, &products, now).map_err(RunError::Fail)?;
+        self.clear_output(run, &plan.layout).await?;
         prepare(&plan.layout, run.is_final, &plan.inputs, &plan.manifest)
             .map_err(|e| RunError::Fail(format!("preparing the run directory: {e}")))?;
         let spec = plan.spec;
@@ -495,6 +545,7 @@ pub fn plan_job(
         &run.pipeline_name,
         &run.sub_group_key,
         &run.step_name,
+        run.id,
         run.attempt(),
     );
     let mut inputs = Vec::with_capacity(raw.len() + products.len());

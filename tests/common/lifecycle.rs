@@ -246,3 +246,14 @@ pub async fn drive<B: Backend>(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `{root}/{tree}/{step}/run-{id}/attempt-{n}` of the one run of `step` under `root`
+/// (`tree` is `logs` or `config`).
+pub fn attempt_dir(root: &Path, tree: &str, step: &str, attempt: i32) -> std::path::PathBuf {
+    let runs: Vec<_> = std::fs::read_dir(root.join(tree).join(step))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].join(format!("attempt-{attempt}"))
+}
