@@ -91,7 +91,12 @@ fn read_pid(dir: &Path) -> Option<i32> {
 
 fn read_exit(dir: &Path) -> Option<Result<ExitRecord, String>> {
     let text = std::fs::read_to_string(dir.join(EXIT_FILE)).ok()?;
-    Some(serde_json::from_str(&text).map_err(|e| e.to_string()))
+    Some(parse_exit_record(&text))
+}
+
+/// An `exit.json` as the wrapper writes it (fuzzed: `fuzz/`).
+pub fn parse_exit_record(text: &str) -> Result<ExitRecord, String> {
+    serde_json::from_str(text).map_err(|e| e.to_string())
 }
 
 /// Whether `pid` is alive and is the wrapper of this attempt (pids are reused).
@@ -101,6 +106,25 @@ fn wrapper_alive(pid: i32, dir: &Path) -> bool {
     };
     let needle = dir.as_os_str().as_encoded_bytes();
     cmdline.split(|b| *b == 0).any(|arg| arg == needle)
+}
+
+/// The variables of the manager's environment a local job inherits.
+fn passed_to_jobs(name: &std::ffi::OsStr) -> bool {
+    const KEPT: [&str; 11] = [
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "PYTHONPATH",
+        "LD_LIBRARY_PATH",
+    ];
+    name.to_str()
+        .is_some_and(|n| KEPT.contains(&n) || n.starts_with("LC_"))
 }
 
 impl Backend for LocalBackend {
@@ -133,6 +157,10 @@ impl Backend for LocalBackend {
             .arg(spec.time_limit_seconds.to_string())
             .arg("--")
             .args(spec.command.argv())
+            // Like SLURM's --export=NONE: the manager's settings and secrets stay out of
+            // the job, which gets only what a login session would have, and its own.
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| passed_to_jobs(k)))
             .envs(spec.command.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&spec.command.workdir)
             .stdin(Stdio::null())

@@ -156,6 +156,8 @@ pub fn hex(digest: &[u8]) -> String {
 
 /// The quality metrics beside `path`, if any: Ok(None) without a file, Err when the file
 /// is there but not a JSON object.
+const MAX_METRICS_BYTES: u64 = 1 << 20;
+
 fn read_metrics(path: &Path) -> Result<Option<Value>, String> {
     let mut sidecar = path.as_os_str().to_owned();
     sidecar.push(METRICS_SUFFIX);
@@ -163,14 +165,33 @@ fn read_metrics(path: &Path) -> Result<Option<Value>, String> {
     match sidecar.symlink_metadata() {
         Err(_) => return Ok(None),
         Ok(meta) if !meta.is_file() => return Err("not a regular file".into()),
+        // Metrics are a handful of numbers; a huge (or sparse) file is not read whole.
+        Ok(meta) if meta.len() > MAX_METRICS_BYTES => {
+            return Err(format!("larger than {MAX_METRICS_BYTES} bytes"));
+        }
         Ok(_) => {}
     }
     let text = std::fs::read(&sidecar).map_err(|e| e.to_string())?;
-    match serde_json::from_slice::<Value>(&text) {
-        Ok(v @ Value::Object(_)) => Ok(Some(v)),
+    parse_metrics(&text).map(Some)
+}
+
+/// A quality-metrics sidecar's content: a JSON object that PostgreSQL's JSONB can hold
+/// (fuzzed: `fuzz/`).
+pub fn parse_metrics(text: &[u8]) -> Result<Value, String> {
+    match serde_json::from_slice::<Value>(text) {
+        // PostgreSQL's JSONB refuses the NUL character: one such file must not cost the
+        // run its products.
+        Ok(Value::Object(_)) if has_escaped_nul(text) => Err("contains a NUL character".into()),
+        Ok(v @ Value::Object(_)) => Ok(v),
         Ok(_) => Err("not a JSON object".into()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Whether a JSON text holds a NUL character (only escaped: raw control characters are
+/// not valid JSON).
+fn has_escaped_nul(text: &[u8]) -> bool {
+    text.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000"))
 }
 
 /// Checksums the found files, `parallelism` at a time on blocking threads.
@@ -240,7 +261,7 @@ mod tests {
     #[tokio::test]
     async fn outputs_are_found_by_convention_and_links_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let layout = RunLayout::new(dir.path(), "p", "all", "map", 1);
+        let layout = RunLayout::new(dir.path(), "p", "all", "map", 1, 1);
         for d in layout.directories(true) {
             std::fs::create_dir_all(d).unwrap();
         }
