@@ -393,6 +393,7 @@ async fn slurm_on(
             pipeline_base_dir: dir.to_owned(),
             retry_backoff: chrono::Duration::minutes(1),
             vanish_grace: chrono::Duration::seconds(30),
+            handoff_timeout: chrono::Duration::minutes(5),
         },
     );
     let submit_all = |wanted: i64| {

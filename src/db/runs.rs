@@ -688,6 +688,44 @@ impl Database {
         .map_err(DbError::query("marking a job succeeded"))
     }
 
+    /// Hands off again, with a new task, every collection at `location` that was handed
+    /// to the workers before `cutoff` and is still not done: a message lost with Redis,
+    /// or a worker killed while collecting, must not leave its run waiting for ever.
+    /// Collection is idempotent, so a slow worker that finishes after all costs nothing.
+    pub async fn redispatch_stale_collections(
+        &self,
+        location: i64,
+        cutoff: DateTime<Utc>,
+        now: DateTime<Utc>,
+        handoff: impl Fn(i64) -> Handoff,
+    ) -> Result<Vec<i64>, DbError> {
+        on_pool!(self, pool => {
+            async {
+                let mut tx = pool.begin().await?;
+                let stale: Vec<i64> = sqlx::query_scalar(
+                    "UPDATE executed_reduction_step SET updated_at = $3 \
+                     WHERE status = 'COLLECTING_RESULTS' AND updated_at < $2 \
+                       AND reduction_step_id IN (SELECT s.id FROM reduction_step s \
+                           JOIN pipeline p ON p.id = s.pipeline_id \
+                           WHERE p.processing_location_id = $1) \
+                     RETURNING id",
+                )
+                .bind(location)
+                .bind(cutoff)
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+                for run_id in &stale {
+                    insert_handoff!(&mut *tx, handoff(*run_id), now).await?;
+                }
+                tx.commit().await?;
+                Ok(stale)
+            }
+            .await
+        })
+        .map_err(DbError::query("handing stale collections off again"))
+    }
+
     /// Hands a run whose inputs are ready to a worker for submission: its lease passes
     /// from `owner` to the hand-off (`celery:<task id>`, until `lease_until`) and the
     /// hand-off is recorded, in one transaction. Should the message never be worked, the

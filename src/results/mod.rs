@@ -28,6 +28,9 @@ pub struct ResultOptions {
     /// A job the backend does not know is failed only once it was submitted this long
     /// ago (the controller may not list a job submitted a moment before).
     pub vanish_grace: chrono::Duration,
+    /// In celery mode, a collection handed to the workers and not done after this long
+    /// is handed off again (its message may have been lost with Redis or a worker).
+    pub handoff_timeout: chrono::Duration,
 }
 
 impl ResultOptions {
@@ -37,6 +40,7 @@ impl ResultOptions {
             pipeline_base_dir: settings.pipeline_base_dir.clone(),
             retry_backoff: crate::workflow::seconds(settings.workflow.retry_backoff_seconds),
             vanish_grace: chrono::Duration::seconds(30),
+            handoff_timeout: crate::workflow::seconds(settings.workflow.lease_seconds),
         }
     }
 }
@@ -124,6 +128,18 @@ impl<B: Backend> ResultManager<B> {
         match &self.publisher {
             None => self.collect(&mut report).await?,
             Some(publisher) => {
+                let again = self
+                    .db
+                    .redispatch_stale_collections(
+                        self.options.processing_location_id,
+                        now - self.options.handoff_timeout,
+                        now,
+                        crate::dispatch::collect_run,
+                    )
+                    .await?;
+                if !again.is_empty() {
+                    tracing::warn!(runs = ?again, "collections not done in time handed off again");
+                }
                 report.dispatch = Some(publisher.lock().await.publish_pending(&self.db).await?);
             }
         }

@@ -82,6 +82,7 @@ impl Site {
             pipeline_base_dir: self.base(),
             retry_backoff: chrono::Duration::seconds(60),
             vanish_grace: chrono::Duration::seconds(30),
+            handoff_timeout: chrono::Duration::seconds(300),
         }
     }
 }
