@@ -72,8 +72,23 @@ pub fn discover(layout: &RunLayout, final_step: bool) -> (Vec<Found>, Vec<String
     } else {
         vec![(layout.step_workspace(), "INTERMEDIATE")]
     };
-    for (root, kind) in roots {
-        walk(&layout.root, &root, kind, &mut found, &mut problems);
+    let mut missing = Vec::new();
+    for (root, kind) in &roots {
+        let shown = root.strip_prefix(&layout.root).unwrap_or(root).display();
+        // The roots are checked like what is below them: a job may have replaced one
+        // with a link to anywhere.
+        match root.symlink_metadata() {
+            Ok(meta) if meta.is_dir() => walk(&layout.root, root, kind, &mut found, &mut problems),
+            Ok(_) => problems.push(format!("{shown}: refused: not a directory (a link?)")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(shown.to_string()),
+            Err(e) => problems.push(format!("{shown}: cannot be read: {e}")),
+        }
+    }
+    if missing.len() == roots.len() {
+        problems.push(format!(
+            "nothing collected: {} missing after the job",
+            missing.join(", ")
+        ));
     }
     found.sort_by(|a, b| a.relative_path.cmp(&b.relative_path));
     (found, problems)
@@ -103,10 +118,15 @@ fn walk(
             }
         };
         let path = entry.path();
-        let relative = path
-            .strip_prefix(run_root)
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| path.display().to_string());
+        let relative = path.strip_prefix(run_root).unwrap_or(&path);
+        // Names are recorded as text: one that is not UTF-8 could not be found again.
+        let Some(relative) = relative.to_str().map(str::to_owned) else {
+            problems.push(format!(
+                "{}: refused: the name is not UTF-8",
+                relative.display()
+            ));
+            continue;
+        };
         // symlink_metadata: the link itself, never what it points to.
         match entry.path().symlink_metadata() {
             Ok(meta) if meta.file_type().is_symlink() => problems.push(format!(
@@ -316,5 +336,81 @@ mod tests {
             "{:?}",
             collected.problems
         );
+    }
+
+    // Hostile corpus: what a job can leave in its output directory.
+
+    #[test]
+    fn a_linked_output_root_is_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = RunLayout::new(dir.path(), "p", "all", "cal", 1, 1);
+        std::fs::create_dir_all(layout.workspace()).unwrap();
+        std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
+        std::fs::write(dir.path().join("elsewhere/secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), layout.step_workspace()).unwrap();
+        let (found, problems) = discover(&layout, false);
+        assert!(found.is_empty(), "{found:?}");
+        assert!(problems[0].contains("workspace/cal: refused"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_vanished_output_directory_is_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = RunLayout::new(dir.path(), "p", "all", "cal", 1, 1);
+        let (found, problems) = discover(&layout, false);
+        assert!(found.is_empty());
+        assert_eq!(problems, ["nothing collected: workspace/cal missing after the job"]);
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_lose_only_themselves() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = RunLayout::new(dir.path(), "p", "all", "cal", 1, 1);
+        std::fs::create_dir_all(layout.step_workspace()).unwrap();
+        for name in [&b"a\xff.dat"[..], b"a\xfe.dat"] {
+            let path = layout.step_workspace().join(std::ffi::OsStr::from_bytes(name));
+            std::fs::write(path, b"x").unwrap();
+        }
+        std::fs::write(layout.step_workspace().join("good.dat"), b"g").unwrap();
+        let (found, problems) = discover(&layout, false);
+        let paths: Vec<&str> = found.iter().map(|f| f.relative_path.as_str()).collect();
+        assert_eq!(paths, ["workspace/cal/good.dat"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().all(|p| p.contains("not UTF-8")), "{problems:?}");
+    }
+
+    #[tokio::test]
+    async fn huge_sparse_outputs_are_checksummed_and_huge_metrics_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = RunLayout::new(dir.path(), "p", "all", "cal", 1, 1);
+        std::fs::create_dir_all(layout.step_workspace()).unwrap();
+        let cube = layout.step_workspace().join("cube.fits");
+        std::fs::File::create(&cube).unwrap().set_len(256 << 20).unwrap();
+        let sidecar = layout.step_workspace().join("cube.fits.metrics.json");
+        std::fs::File::create(&sidecar).unwrap().set_len(64 << 20).unwrap();
+        let (found, problems) = discover(&layout, false);
+        assert!(problems.is_empty(), "{problems:?}");
+        let collected = checksum_all(found, 2).await;
+        let product = &collected.products[0];
+        assert_eq!(product.size_bytes, 256 << 20);
+        // SHA-256 of 256 MiB of zeros.
+        assert_eq!(
+            product.checksum,
+            "a6d72ac7690f53be6ae46ba88506bd97302a093f7108472bd9efc3cefda06484"
+        );
+        assert_eq!(product.quality_metrics, None);
+        assert!(
+            collected.problems[0].contains("metrics ignored: larger than"),
+            "{:?}",
+            collected.problems
+        );
+    }
+
+    #[test]
+    fn metrics_with_a_nul_character_are_refused() {
+        assert!(parse_metrics(br#"{"a": "x\u0000y"}"#).unwrap_err().contains("NUL"));
+        assert!(parse_metrics(br#"{"a": 1}"#).is_ok());
+        assert!(parse_metrics(b"[1]").unwrap_err().contains("not a JSON object"));
     }
 }
