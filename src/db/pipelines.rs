@@ -14,10 +14,10 @@ pub struct PipelineRow {
     pub name: String,
     pub priority: i32,
     pub trigger_type: String,
-    pub trigger_config: Json<Value>,
+    pub trigger_config: JsonText,
     pub data_grouping_id: i64,
     pub data_grouping_name: String,
-    pub filter_rules: Json<Value>,
+    pub filter_rules: JsonText,
     pub instrument_module_id: Option<i64>,
     pub last_cron_tick: Option<DateTime<Utc>>,
 }
@@ -32,10 +32,24 @@ pub struct StepRow {
     pub reduction_software_id: i64,
     pub reduction_software_version_id: Option<i64>,
     pub version_policy: String,
-    pub group_by: Json<Value>,
+    pub group_by: JsonText,
     pub cooldown_seconds: i32,
     pub max_retries: i32,
-    pub parameters: Option<Json<Value>>,
+    pub parameters: Option<JsonText>,
+}
+
+/// A JSON column read as its text. SQLite keeps JSON as TEXT and checks nothing, so a
+/// row written by another tool may hold anything: decoding it here, per row, makes a
+/// malformed value an error of that row's pipeline instead of a failed query for all.
+#[derive(Debug, Clone, PartialEq, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct JsonText(pub String);
+
+impl JsonText {
+    /// The value; the error names `what` the column holds.
+    pub fn value(&self, what: &str) -> Result<Value, String> {
+        serde_json::from_str(&self.0).map_err(|e| format!("{what} is not valid JSON ({e})"))
+    }
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -109,8 +123,10 @@ impl Database {
     ) -> Result<Vec<PipelineRow>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
-                "SELECT p.id, p.name, p.priority, p.trigger_type, p.trigger_config, p.data_grouping_id, \
-                        g.name AS data_grouping_name, g.filter_rules, g.instrument_module_id, \
+                "SELECT p.id, p.name, p.priority, p.trigger_type, \
+                        CAST(p.trigger_config AS TEXT) AS trigger_config, p.data_grouping_id, \
+                        g.name AS data_grouping_name, CAST(g.filter_rules AS TEXT) AS filter_rules, \
+                        g.instrument_module_id, \
                         s.last_cron_tick \
                  FROM pipeline p \
                  JOIN data_grouping g ON g.id = p.data_grouping_id \
@@ -125,6 +141,20 @@ impl Database {
         .map_err(DbError::query("reading enabled pipelines"))
     }
 
+    /// Whether `id` is a data location of type PROCESSING.
+    pub async fn is_processing_location(&self, id: i64) -> Result<bool, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM data_location WHERE id = $1 AND location_type = 'PROCESSING'",
+            )
+            .bind(id)
+            .fetch_one(pool)
+            .await
+        })
+        .map(|n| n > 0)
+        .map_err(DbError::query("reading the processing location"))
+    }
+
     /// The steps of every enabled pipeline of a location, by pipeline, in execution order.
     pub async fn enabled_steps(
         &self,
@@ -133,8 +163,9 @@ impl Database {
         on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT s.id, s.pipeline_id, s.name, s.step_order, s.reduction_software_id, \
-                        s.reduction_software_version_id, s.version_policy, s.group_by, \
-                        s.cooldown_seconds, s.max_retries, c.parameters \
+                        s.reduction_software_version_id, s.version_policy, \
+                        CAST(s.group_by AS TEXT) AS group_by, s.cooldown_seconds, s.max_retries, \
+                        CAST(c.parameters AS TEXT) AS parameters \
                  FROM reduction_step s \
                  JOIN pipeline p ON p.id = s.pipeline_id \
                  LEFT JOIN reduction_step_config c ON c.reduction_step_id = s.id \

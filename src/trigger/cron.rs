@@ -14,12 +14,18 @@ pub fn parse(expression: &str) -> Result<Cron, String> {
             "cron expression {expression:?} must have 5 fields: minute hour day-of-month month day-of-week"
         ));
     }
-    CronParser::builder()
+    let cron = CronParser::builder()
         .seconds(Seconds::Disallowed)
         .year(Year::Disallowed)
         .build()
         .parse(expression)
-        .map_err(|e| format!("invalid cron expression {expression:?}: {e}"))
+        .map_err(|e| format!("invalid cron expression {expression:?}: {e}"))?;
+    // An expression can parse and still name no real time (`0 0 31 2 *`, 31 February):
+    // its pipeline would silently never fire.
+    let leap_year = DateTime::<Utc>::from_timestamp(946_684_800, 0).expect("2000-01-01");
+    cron.find_next_occurrence(&leap_year, false)
+        .map_err(|_| format!("cron expression {expression:?} never fires"))?;
+    Ok(cron)
 }
 
 /// The tick to evaluate now, if any: the latest tick at or before `now`, when it is newer
@@ -67,5 +73,9 @@ mod tests {
         assert!(parse("0 0 3 * * *").unwrap_err().contains("5 fields"));
         assert!(parse("61 3 * * *").unwrap_err().contains("invalid cron"));
         assert!(parse("a b c d e").is_err());
+        assert!(parse("0 0 31 2 *").unwrap_err().contains("never fires"));
+        assert!(parse("0 0 30 2 *").unwrap_err().contains("never fires"));
+        // 29 February does come.
+        assert!(parse("0 0 29 2 *").is_ok());
     }
 }

@@ -353,6 +353,20 @@ impl Evaluator {
                 "trigger cycle phase"
             );
         };
+        // A full evaluation (the first, or after a reset) checks the configured location
+        // first: a mistyped PROCESSING_LOCATION_ID would otherwise find nothing to do,
+        // silently and for ever. The horizon stays unset, so each cycle asks again.
+        if self.horizon.is_none()
+            && !db
+                .is_processing_location(options.processing_location_id)
+                .await?
+        {
+            report.errors.push(format!(
+                "processing location {} (PROCESSING_LOCATION_ID) does not exist or is not of type PROCESSING",
+                options.processing_location_id
+            ));
+            return Ok(report);
+        }
         // The horizon comes first: whatever is written after it is seen again next cycle.
         let marks = db.change_marks().await?;
         let horizon = marks.horizon;

@@ -71,9 +71,8 @@ pub fn firing(pipeline: &PipelineRow, now: DateTime<Utc>) -> Result<Firing, Stri
             cron_tick: None,
         }),
         "CRON" => {
-            let expression = pipeline
-                .trigger_config
-                .0
+            let config = pipeline.trigger_config.value("trigger_config")?;
+            let expression = config
                 .get("cron")
                 .and_then(Value::as_str)
                 .ok_or("trigger_config of a CRON pipeline needs a \"cron\" expression")?;
@@ -97,13 +96,18 @@ pub fn plan<'a>(
     pipeline: &'a PipelineRow,
     defs: &'a Definitions,
 ) -> Result<PipelinePlan<'a>, String> {
-    let rules = filter::parse_rules(&pipeline.filter_rules.0)
-        .map_err(|e| format!("data grouping {}: {e}", pipeline.data_grouping_name))?;
+    let grouping_error = |e: String| format!("data grouping {}: {e}", pipeline.data_grouping_name);
+    let filter_rules = pipeline
+        .filter_rules
+        .value("filter_rules")
+        .map_err(grouping_error)?;
+    let rules = filter::parse_rules(&filter_rules).map_err(|e| grouping_error(e.to_string()))?;
     let rows: &[StepRow] = defs.steps.get(&pipeline.id).map_or(&[], Vec::as_slice);
     let mut steps = Vec::with_capacity(rows.len());
     for (index, row) in rows.iter().enumerate() {
         let step_error = |message: String| format!("step {}: {message}", row.name);
-        let dims = filter::parse_group_by(&row.group_by.0).map_err(step_error)?;
+        let group_by = row.group_by.value("group_by").map_err(step_error)?;
+        let dims = filter::parse_group_by(&group_by).map_err(step_error)?;
         let policy = VersionPolicy::from_db(&row.version_policy).ok_or_else(|| {
             step_error(format!("unknown version_policy {:?}", row.version_policy))
         })?;
@@ -137,10 +141,10 @@ pub fn plan<'a>(
                 }
             }
         }
-        let config = row
-            .parameters
-            .as_ref()
-            .map_or(Value::Object(Default::default()), |p| p.0.clone());
+        let config = match &row.parameters {
+            Some(p) => p.value("the step configuration").map_err(step_error)?,
+            None => Value::Object(Default::default()),
+        };
         steps.push(StepPlan {
             row,
             dims,
@@ -151,7 +155,7 @@ pub fn plan<'a>(
     }
 
     let selection = SelectionKey {
-        rules: pipeline.filter_rules.0.to_string(),
+        rules: filter_rules.to_string(),
         instrument_module_id: pipeline.instrument_module_id,
     };
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
