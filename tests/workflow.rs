@@ -61,15 +61,15 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
         let root = site.base().join("calib/executed_obs_unit=1");
         for dir in [
             root.join("workspace/calibrate"),
-            lifecycle::attempt_dir(&root, "config", "calibrate", 1),
-            lifecycle::attempt_dir(&root, "logs", "calibrate", 1),
+            lifecycle::attempt_dir(&root, "calibrate", 1),
+            root.join("logs"),
         ] {
             let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o750, "{}", dir.display());
         }
         let manifest: serde_json::Value = serde_json::from_slice(
             &std::fs::read(
-                lifecycle::attempt_dir(&root, "config", "calibrate", 1).join("manifest.json"),
+                lifecycle::attempt_dir(&root, "calibrate", 1).join("manifest.json"),
             )
             .unwrap(),
         )
@@ -124,7 +124,7 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
         );
         assert!(products.iter().any(|p| p.product_type == "QA_METRIC"));
         let log = std::fs::read_to_string(
-            lifecycle::attempt_dir(&root, "logs", "calibrate", 1).join("job.log"),
+            lifecycle::attempt_dir(&root, "calibrate", 1).join("job.log"),
         )
         .unwrap();
         assert!(log.contains("of step calibrate"), "{log}");
@@ -167,7 +167,7 @@ async fn a_failing_job_is_retried_then_fails_with_its_reason_and_log() {
         }
         let root = site.base().join("calib/executed_obs_unit=1");
         assert!(
-            lifecycle::attempt_dir(&root, "logs", "calibrate", 2)
+            lifecycle::attempt_dir(&root, "calibrate", 2)
                 .join("exit.json")
                 .is_file()
         );
@@ -345,7 +345,6 @@ async fn data_transfer_staging_waits_then_submits_and_a_failed_staging_fails_the
         let manifest = std::fs::read_to_string(
             lifecycle::attempt_dir(
                 &site.base().join("calib/executed_obs_unit=1"),
-                "config",
                 "calibrate",
                 1,
             )
@@ -620,7 +619,7 @@ async fn a_result_manager_killed_mid_collection_registers_everything_once_on_res
         let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
         assert_eq!(wm.cycle(Utc::now()).await.unwrap().submitted, 1);
         let root = site.base().join("calib/executed_obs_unit=3");
-        let exit = root.join("logs/calibrate/run-1/attempt-1/exit.json");
+        let exit = root.join("config/calibrate/run-1/attempt-1/exit.json");
         for _ in 0..300 {
             if exit.exists() {
                 break;

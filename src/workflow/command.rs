@@ -156,15 +156,33 @@ pub fn build(req: &CommandRequest<'_>) -> Result<JobCommand, String> {
             }),
         }),
         ContainerRuntime::Apptainer => {
+            if req.image.starts_with('-') {
+                return Err(format!(
+                    "image {:?} starts with '-' and would be read as an Apptainer option",
+                    req.image
+                ));
+            }
             let mut args = vec![
                 "exec".to_owned(),
-                // Only what we pass reaches the container: no host environment, no home.
-                "--cleanenv".to_owned(),
+                // Only what we pass reaches the container: no host environment, no home,
+                // no host /tmp or working directory (which holds the attempt's records),
+                // its own process and IPC namespaces.
+                "--containall".to_owned(),
                 "--no-home".to_owned(),
                 "--pwd".to_owned(),
                 format!("{}/{}", container::WORKSPACE, req.layout.step),
             ];
             for m in mounts(req) {
+                // Apptainer splits a bind at ',' and ':': such a path would bind something
+                // else (or break the job), so the run fails with the reason instead.
+                for part in [m.host.to_string_lossy().as_ref(), m.inside.as_str()] {
+                    if part.contains([',', ':']) {
+                        return Err(format!(
+                            "{part:?} cannot be bound into an Apptainer container: \
+                             it contains ',' or ':', which Apptainer reads as separators"
+                        ));
+                    }
+                }
                 args.push("--bind".to_owned());
                 args.push(format!(
                     "{}:{}{}",
@@ -219,19 +237,20 @@ fn mounts(req: &CommandRequest<'_>) -> Vec<Mount> {
 
 /// Where the SIF of an image is cached: by digest when known, else by reference.
 pub fn sif_path(cache: &Path, image_ref: &str, digest: Option<&str>) -> PathBuf {
-    let name = match digest {
-        Some(d) if !d.is_empty() => d.replace(':', "_"),
-        _ => image_ref
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect(),
-    };
+    // Either way one file name inside the cache, whatever the database holds.
+    let name: String = match digest {
+        Some(d) if !d.is_empty() => d,
+        _ => image_ref,
+    }
+    .chars()
+    .map(|c| {
+        if c.is_ascii_alphanumeric() || "._-".contains(c) {
+            c
+        } else {
+            '_'
+        }
+    })
+    .collect();
     cache.join(format!("{name}.sif"))
 }
 
@@ -277,7 +296,7 @@ mod tests {
         })
         .unwrap();
         let argv = cmd.argv();
-        assert_eq!(&argv[..3], ["apptainer", "exec", "--cleanenv"]);
+        assert_eq!(&argv[..4], ["apptainer", "exec", "--containall", "--no-home"]);
         assert!(argv.contains(&"/base/p/scan=1/workspace:/workflow/workspace".to_owned()));
         assert!(
             argv.contains(
@@ -320,6 +339,36 @@ mod tests {
     }
 
     #[test]
+    fn what_apptainer_would_misread_fails_the_run() {
+        let l = layout();
+        let command = vec!["calibrate".to_owned()];
+        let request = |image: &'static str, name: &str| {
+            let inputs = vec![BoundInput {
+                host_path: "/archive/scan.tar".into(),
+                name: name.to_owned(),
+            }];
+            build(&CommandRequest {
+                runtime: ContainerRuntime::Apptainer,
+                apptainer: "apptainer",
+                image,
+                command: &command,
+                layout: &l,
+                final_step: false,
+                inputs: &inputs,
+                run_id: 9,
+                step_name: "cal",
+            })
+        };
+        assert!(request("/sif/x.sif", "3_scan.tar").is_ok());
+        let e = request("/sif/x.sif", "3_x,/home/wfm/.ssh").unwrap_err();
+        assert!(e.contains("',' or ':'"), "{e}");
+        let e = request("/sif/x.sif", "3_12:00:00.fits").unwrap_err();
+        assert!(e.contains("',' or ':'"), "{e}");
+        let e = request("--bind=/:/host.sif", "3_scan.tar").unwrap_err();
+        assert!(e.contains("Apptainer option"), "{e}");
+    }
+
+    #[test]
     fn images_come_from_the_cache_or_are_pulled() {
         let cache = Path::new("/nonexistent");
         assert_eq!(
@@ -329,6 +378,11 @@ mod tests {
         assert_eq!(
             sif_path(cache, "x", Some("sha256:ab")),
             Path::new("/nonexistent/sha256_ab.sif")
+        );
+        // A digest from the database never leaves the cache.
+        assert_eq!(
+            sif_path(cache, "x", Some("../../tmp/x")),
+            Path::new("/nonexistent/.._.._tmp_x.sif")
         );
         assert_eq!(
             image_for(cache, "reg.io/chai:1.2", None),

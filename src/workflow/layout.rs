@@ -6,9 +6,9 @@
 //!     input/{step}/                 links to the run's inputs (read-only in the container)
 //!     workspace/{step}/             intermediates, shared by the pipeline's steps
 //!     output/{science,qa,plots,statistics,logs}/   the final step's products
-//!     config/{step}/run-{id}/attempt-{n}/manifest.json
+//!     config/{step}/run-{id}/attempt-{n}/   manifest.json, and the backend's job.log,
+//!                                   exit.json, job.sbatch (read-only to the job)
 //!     logs/                         the software's own logs (/workflow/logs)
-//!     logs/{step}/run-{id}/attempt-{n}/   job.log, exit.json, job.sbatch (the backend's)
 //!     superseded/run-{id}/...       products of earlier runs of the sub-group, set aside
 //! ```
 //!
@@ -106,12 +106,11 @@ impl RunLayout {
     pub fn manifest(&self) -> PathBuf {
         self.config().join("manifest.json")
     }
-    /// The backend's per-attempt directory (job log, exit record, batch script).
+    /// The backend's per-attempt directory (job log, exit record, batch script): the
+    /// attempt's config directory, which the job sees read-only (`/workflow/config`), so
+    /// it can neither forge its exit record nor plant a link where the manager writes.
     pub fn attempt_dir(&self) -> PathBuf {
-        self.logs()
-            .join(&self.step)
-            .join(format!("run-{}", self.run_id))
-            .join(format!("attempt-{}", self.attempt))
+        self.config()
     }
     /// Where this step writes its products: `output/` for the final step, else its
     /// workspace directory.
@@ -137,7 +136,6 @@ impl RunLayout {
             self.step_workspace(),
             self.config(),
             self.logs(),
-            self.attempt_dir(),
         ];
         if final_step {
             dirs.extend(OUTPUT_KINDS.iter().map(|k| self.output().join(k)));
@@ -259,12 +257,12 @@ mod tests {
             l.manifest(),
             l.root.join("config/map/run-7/attempt-2/manifest.json")
         );
-        assert_eq!(l.attempt_dir(), l.root.join("logs/map/run-7/attempt-2"));
+        assert_eq!(l.attempt_dir(), l.root.join("config/map/run-7/attempt-2"));
         assert_eq!(
             l.superseded(5, "output/science/map.fits"),
             l.root.join("superseded/run-5/output/science/map.fits")
         );
-        assert_eq!(l.directories(true).len(), 10);
-        assert_eq!(l.directories(false).len(), 5);
+        assert_eq!(l.directories(true).len(), 9);
+        assert_eq!(l.directories(false).len(), 4);
     }
 }

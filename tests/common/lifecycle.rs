@@ -248,10 +248,10 @@ pub async fn drive<B: Backend>(
     }
 }
 
-/// `{root}/{tree}/{step}/run-{id}/attempt-{n}` of the one run of `step` under `root`
-/// (`tree` is `logs` or `config`).
-pub fn attempt_dir(root: &Path, tree: &str, step: &str, attempt: i32) -> std::path::PathBuf {
-    let runs: Vec<_> = std::fs::read_dir(root.join(tree).join(step))
+/// `{root}/config/{step}/run-{id}/attempt-{n}` (manifest and the backend's files) of the
+/// one run of `step` under `root`.
+pub fn attempt_dir(root: &Path, step: &str, attempt: i32) -> std::path::PathBuf {
+    let runs: Vec<_> = std::fs::read_dir(root.join("config").join(step))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();

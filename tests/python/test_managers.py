@@ -242,7 +242,7 @@ def test_command_builder_shows_the_job_without_writing_anything(database, tmp_pa
     builder = CommandBuilder(make_settings())
     argv = builder.build_command(first)
     root = base / "p" / "night=2026-01-10"
-    assert argv[:3] == ["apptainer", "exec", "--cleanenv"]
+    assert argv[:4] == ["apptainer", "exec", "--containall", "--no-home"]
     assert f"{root}/config/calibrate/run-{first}/attempt-1:/workflow/config:ro" in argv
     assert f"{path}:/workflow/input/1_p1.tar:ro" in argv
     assert argv[-4:] == ["docker://c:1", "calibrate", "--mode", "hot cold; $(x)"]
