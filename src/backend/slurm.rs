@@ -114,6 +114,7 @@ impl SlurmBackend {
 
     /// Cancels many jobs with as few `scancel` calls as the command line allows.
     pub async fn cancel_all(&self, job_ids: &[String]) -> Result<(), BackendError> {
+        let job_ids: Vec<String> = job_ids.iter().filter(|id| is_job_id(id)).cloned().collect();
         for chunk in job_ids.chunks(500) {
             self.run("scancel", chunk).await?;
         }
@@ -343,7 +344,7 @@ impl Backend for SlurmBackend {
             .await?;
         // --parsable prints "jobid" or "jobid;cluster".
         let id = out.trim().split(';').next().unwrap_or("").to_owned();
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit() || b == b'_') {
+        if !is_job_id(&id) {
             return Err(BackendError::Parse {
                 command: "sbatch".into(),
                 detail: format!("no job id in {:?}", out.trim()),
@@ -366,7 +367,7 @@ impl Backend for SlurmBackend {
                 ],
             )
             .await?;
-        if let Some(id) = out.split_whitespace().next() {
+        if let Some(id) = out.split_whitespace().next().filter(|id| is_job_id(id)) {
             return Ok(Some(id.to_owned()));
         }
         if self.accounting {
@@ -382,7 +383,11 @@ impl Backend for SlurmBackend {
                     ],
                 )
                 .await?;
-            return Ok(out.split_whitespace().next().map(str::to_owned));
+            return Ok(out
+                .split_whitespace()
+                .next()
+                .filter(|id| is_job_id(id))
+                .map(str::to_owned));
         }
         Ok(None)
     }
@@ -414,7 +419,11 @@ impl Backend for SlurmBackend {
                 Some(state) => {
                     result.insert(job.job_id.clone(), state.clone());
                 }
-                None => left.push(&job.job_id),
+                // Only ids SLURM could have given reach a command line.
+                None if is_job_id(&job.job_id) => left.push(&job.job_id),
+                None => {
+                    result.insert(job.job_id.clone(), JobState::Vanished);
+                }
             }
         }
         if !left.is_empty() {
@@ -428,15 +437,35 @@ impl Backend for SlurmBackend {
     }
 
     async fn cancel(&self, job: &JobRef) -> Result<(), BackendError> {
+        // The id comes from the database: never let it become an scancel option.
+        if !is_job_id(&job.job_id) {
+            return Err(BackendError::Parse {
+                command: "scancel".into(),
+                detail: format!("{:?} is not a SLURM job id", job.job_id),
+            });
+        }
         self.run("scancel", std::slice::from_ref(&job.job_id))
             .await
             .map(|_| ())
     }
 }
 
+/// A SLURM job id as sbatch prints it: digits, and `_` for array tasks.
+fn is_job_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_job_ids_slurm_could_have_given_reach_its_commands() {
+        assert!(is_job_id("12345") && is_job_id("77_3"));
+        for bad in ["", "--user=wfm", "1 2", "1;2", "-1", "1,2"] {
+            assert!(!is_job_id(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn durations_are_slurm_time_limits() {
