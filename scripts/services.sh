@@ -4,6 +4,9 @@
 #   eval "$(bash scripts/services.sh up)"   # exports CCAT_TEST_POSTGRES_URL, CCAT_TEST_REDIS_URL,
 #                                           # CCAT_TEST_SLURM_CONF
 #   bash scripts/services.sh down           # stops whatever `up` started
+#   bash scripts/services.sh restart postgres|redis   # a private server, on its port
+#                                           # (PostgreSQL as after a crash; Redis loses
+#                                           # what it held: the soak test's faults)
 #
 # URLs already set in the environment are checked and used as given; otherwise
 # private throw-away servers are started on free ports, with state (data, logs,
@@ -303,8 +306,38 @@ cmd_down() {
   rmdir "$STATE" 2>/dev/null || true
 }
 
+# Restart a private server that `up` started, on the same port.
+cmd_restart() {
+  local pid port
+  case ${1:-} in
+    postgres)
+      [[ -d $PG_DATA ]] || die "no private PostgreSQL under $STATE"
+      port=$(<"$STATE/pg.port")
+      # Immediate: no shutdown checkpoint, so the server starts with crash recovery.
+      as_pg "$(pg_bin)/pg_ctl" -D "$PG_DATA" -m immediate -w stop >>"$PG_LOG.ctl" 2>&1 </dev/null ||
+        die "pg_ctl stop failed"
+      as_pg "$(pg_bin)/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -t "$TIMEOUT" start >>"$PG_LOG.ctl" 2>&1 </dev/null ||
+        die "pg_ctl start failed"
+      wait_ready PostgreSQL "$PG_LOG" pg_ready "$port"
+      ;;
+    redis)
+      [[ -f $REDIS_PID && -f $STATE/redis.port ]] || die "no private Redis under $STATE"
+      pid=$(<"$REDIS_PID") port=$(<"$STATE/redis.port")
+      [[ $(cat "/proc/$pid/comm" 2>/dev/null) == redis-server* ]] && kill -KILL "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      rm -f "$REDIS_PID"
+      redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+        --daemonize yes --dir "$STATE" --pidfile "$REDIS_PID" --logfile "$REDIS_LOG" \
+        </dev/null >/dev/null 2>&1 || die "redis-server failed to start (see $REDIS_LOG)"
+      wait_ready Redis "$REDIS_LOG" redis_ping -p "$port"
+      ;;
+    *) die "restart postgres|redis" ;;
+  esac
+}
+
 case ${1:-} in
   up) cmd_up ;;
   down) cmd_down ;;
-  *) echo "usage: $0 up|down   (use as: eval \"\$($0 up)\")" >&2; exit 2 ;;
+  restart) cmd_restart "${2:-}" ;;
+  *) echo "usage: $0 up|down|restart postgres|redis   (use as: eval \"\$($0 up)\")" >&2; exit 2 ;;
 esac
