@@ -42,7 +42,8 @@ fn entry(label: &'static str, rules: &str, error: Option<&'static str>) -> Entry
     }
 }
 
-const CHAI: &str = r#"[{"table": "Instrument", "column": "name", "operator": "eq", "value": "CHAI"}]"#;
+const CHAI: &str =
+    r#"[{"table": "Instrument", "column": "name", "operator": "eq", "value": "CHAI"}]"#;
 
 fn corpus() -> Vec<Entry> {
     let huge: Vec<i64> = (0..100_001).collect();
@@ -71,13 +72,17 @@ fn corpus() -> Vec<Entry> {
         ),
         entry(
             "huge-in-list",
-            &format!(r#"[{{"table": "Source", "column": "id", "operator": "in", "value": {huge:?}}}]"#),
+            &format!(
+                r#"[{{"table": "Source", "column": "id", "operator": "in", "value": {huge:?}}}]"#
+            ),
             Some("at most 10000"),
         ),
         // The largest list allowed is one bound parameter, far from any bind limit.
         entry(
             "largest-in-list",
-            &format!(r#"[{{"table": "Source", "column": "id", "operator": "in", "value": {many:?}}}]"#),
+            &format!(
+                r#"[{{"table": "Source", "column": "id", "operator": "in", "value": {many:?}}}]"#
+            ),
             None,
         ),
         entry(
@@ -90,10 +95,18 @@ fn corpus() -> Vec<Entry> {
             r#"[{"table": "Source", "column": "name", "operator": "eq", "value": {"$ne": ""}}]"#,
             Some("value"),
         ),
-        entry("rules-not-a-list", r#"{"table": "Source"}"#, Some("must be a JSON list")),
+        entry(
+            "rules-not-a-list",
+            r#"{"table": "Source"}"#,
+            Some("must be a JSON list"),
+        ),
         Entry {
             sqlite_only: true,
-            ..entry("rules-not-json", "DROP TABLE source", Some("filter_rules is not valid JSON"))
+            ..entry(
+                "rules-not-json",
+                "DROP TABLE source",
+                Some("filter_rules is not valid JSON"),
+            )
         },
         // Triggers.
         Entry {
@@ -111,7 +124,11 @@ fn corpus() -> Vec<Entry> {
         Entry {
             trigger: ("CRON", "{cron"),
             sqlite_only: true,
-            ..entry("trigger-config-not-json", CHAI, Some("trigger_config is not valid JSON"))
+            ..entry(
+                "trigger-config-not-json",
+                CHAI,
+                Some("trigger_config is not valid JSON"),
+            )
         },
         // Steps.
         Entry {
@@ -121,7 +138,11 @@ fn corpus() -> Vec<Entry> {
         Entry {
             group_by: "source,",
             sqlite_only: true,
-            ..entry("group-by-not-json", CHAI, Some("group_by is not valid JSON"))
+            ..entry(
+                "group-by-not-json",
+                CHAI,
+                Some("group_by is not valid JSON"),
+            )
         },
         // Software versions.
         Entry {
@@ -130,7 +151,11 @@ fn corpus() -> Vec<Entry> {
         },
         Entry {
             software: (3, 3, "LATEST"),
-            ..entry("only-deprecated-versions", CHAI, Some("no non-deprecated release"))
+            ..entry(
+                "only-deprecated-versions",
+                CHAI,
+                Some("no non-deprecated release"),
+            )
         },
     ]
 }
@@ -222,9 +247,19 @@ async fn every_hostile_definition_is_an_error_of_its_own_pipeline() {
             }
         }
         let expected = corpus.iter().filter(|e| e.error.is_some()).count();
-        assert_eq!(report.errors.len(), expected, "{}: {:?}", t.url, report.errors);
+        assert_eq!(
+            report.errors.len(),
+            expected,
+            "{}: {:?}",
+            t.url,
+            report.errors
+        );
         // The sound pipeline goes on: its three scans become runs.
-        let calib = report.pipelines.iter().find(|p| p.pipeline == "calib").unwrap();
+        let calib = report
+            .pipelines
+            .iter()
+            .find(|p| p.pipeline == "calib")
+            .unwrap();
         assert_eq!(calib.created, 3, "{}", t.url);
         // SQL in a value selected nothing and dropped nothing.
         assert!(count(db, "SELECT COUNT(*) FROM source").await > 0);

@@ -68,10 +68,8 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
             assert_eq!(mode & 0o777, 0o750, "{}", dir.display());
         }
         let manifest: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(
-                lifecycle::attempt_dir(&root, "calibrate", 1).join("manifest.json"),
-            )
-            .unwrap(),
+            &std::fs::read(lifecycle::attempt_dir(&root, "calibrate", 1).join("manifest.json"))
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(manifest["manifest_version"], 1);
@@ -123,10 +121,9 @@ async fn runs_are_staged_laid_out_submitted_and_succeed() {
             Some(r#"{"rms_mk":12.5}"#)
         );
         assert!(products.iter().any(|p| p.product_type == "QA_METRIC"));
-        let log = std::fs::read_to_string(
-            lifecycle::attempt_dir(&root, "calibrate", 1).join("job.log"),
-        )
-        .unwrap();
+        let log =
+            std::fs::read_to_string(lifecycle::attempt_dir(&root, "calibrate", 1).join("job.log"))
+                .unwrap();
         assert!(log.contains("of step calibrate"), "{log}");
     }
 }

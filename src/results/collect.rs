@@ -350,7 +350,10 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), layout.step_workspace()).unwrap();
         let (found, problems) = discover(&layout, false);
         assert!(found.is_empty(), "{found:?}");
-        assert!(problems[0].contains("workspace/cal: refused"), "{problems:?}");
+        assert!(
+            problems[0].contains("workspace/cal: refused"),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -359,7 +362,10 @@ mod tests {
         let layout = RunLayout::new(dir.path(), "p", "all", "cal", 1, 1);
         let (found, problems) = discover(&layout, false);
         assert!(found.is_empty());
-        assert_eq!(problems, ["nothing collected: workspace/cal missing after the job"]);
+        assert_eq!(
+            problems,
+            ["nothing collected: workspace/cal missing after the job"]
+        );
     }
 
     #[test]
@@ -369,7 +375,9 @@ mod tests {
         let layout = RunLayout::new(dir.path(), "p", "all", "cal", 1, 1);
         std::fs::create_dir_all(layout.step_workspace()).unwrap();
         for name in [&b"a\xff.dat"[..], b"a\xfe.dat"] {
-            let path = layout.step_workspace().join(std::ffi::OsStr::from_bytes(name));
+            let path = layout
+                .step_workspace()
+                .join(std::ffi::OsStr::from_bytes(name));
             std::fs::write(path, b"x").unwrap();
         }
         std::fs::write(layout.step_workspace().join("good.dat"), b"g").unwrap();
@@ -377,7 +385,10 @@ mod tests {
         let paths: Vec<&str> = found.iter().map(|f| f.relative_path.as_str()).collect();
         assert_eq!(paths, ["workspace/cal/good.dat"]);
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems.iter().all(|p| p.contains("not UTF-8")), "{problems:?}");
+        assert!(
+            problems.iter().all(|p| p.contains("not UTF-8")),
+            "{problems:?}"
+        );
     }
 
     #[tokio::test]
@@ -386,9 +397,15 @@ mod tests {
         let layout = RunLayout::new(dir.path(), "p", "all", "cal", 1, 1);
         std::fs::create_dir_all(layout.step_workspace()).unwrap();
         let cube = layout.step_workspace().join("cube.fits");
-        std::fs::File::create(&cube).unwrap().set_len(256 << 20).unwrap();
+        std::fs::File::create(&cube)
+            .unwrap()
+            .set_len(256 << 20)
+            .unwrap();
         let sidecar = layout.step_workspace().join("cube.fits.metrics.json");
-        std::fs::File::create(&sidecar).unwrap().set_len(64 << 20).unwrap();
+        std::fs::File::create(&sidecar)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
         let (found, problems) = discover(&layout, false);
         assert!(problems.is_empty(), "{problems:?}");
         let collected = checksum_all(found, 2).await;
@@ -409,8 +426,16 @@ mod tests {
 
     #[test]
     fn metrics_with_a_nul_character_are_refused() {
-        assert!(parse_metrics(br#"{"a": "x\u0000y"}"#).unwrap_err().contains("NUL"));
+        assert!(
+            parse_metrics(br#"{"a": "x\u0000y"}"#)
+                .unwrap_err()
+                .contains("NUL")
+        );
         assert!(parse_metrics(br#"{"a": 1}"#).is_ok());
-        assert!(parse_metrics(b"[1]").unwrap_err().contains("not a JSON object"));
+        assert!(
+            parse_metrics(b"[1]")
+                .unwrap_err()
+                .contains("not a JSON object")
+        );
     }
 }

@@ -296,7 +296,10 @@ mod tests {
         })
         .unwrap();
         let argv = cmd.argv();
-        assert_eq!(&argv[..4], ["apptainer", "exec", "--containall", "--no-home"]);
+        assert_eq!(
+            &argv[..4],
+            ["apptainer", "exec", "--containall", "--no-home"]
+        );
         assert!(argv.contains(&"/base/p/scan=1/workspace:/workflow/workspace".to_owned()));
         assert!(
             argv.contains(

@@ -100,7 +100,9 @@ mod tests {
         std::fs::create_dir_all(out.join("plots/deep/er")).unwrap();
         std::fs::write(out.join("science/partial.fits"), b"half").unwrap();
         std::fs::write(out.join("stray.txt"), b"x").unwrap();
-        let dest = dir.path().join("config/map/run-1/attempt-2/previous-output");
+        let dest = dir
+            .path()
+            .join("config/map/run-1/attempt-2/previous-output");
         assert_eq!(move_leftovers(&out, &dest).unwrap(), 2);
         assert_eq!(
             std::fs::read(dest.join("science/partial.fits")).unwrap(),
