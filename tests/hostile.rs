@@ -396,3 +396,59 @@ async fn sub_group_values_with_path_characters_stay_one_directory() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_software_command_that_is_not_a_list_fails_only_its_runs() {
+    use ccat_workflow_manager::config::StagingMode;
+    use ccat_workflow_manager::results::ResultManager;
+    use ccat_workflow_manager::workflow::WorkflowManager;
+    use common::lifecycle;
+    use std::time::{Duration, Instant};
+
+    for t in TestDatabase::both_migrated("hostile_command").await {
+        let db = &t.db;
+        let site =
+            lifecycle::setup_site(db, &pipeline_sql(&command_json(&["ok"]), 1.0, 0), None).await;
+        // A second pipeline on the same data whose software's command is an object.
+        exec(
+            db,
+            r#"INSERT INTO reduction_software (id, name) VALUES (2, 'broken');
+               INSERT INTO reduction_software_version (id, reduction_software_id, version, image_ref, command)
+                 VALUES (2, 2, '1.0.0', 'broken:1', '{"not": "a list"}');
+               INSERT INTO pipeline (id, name, data_grouping_id, processing_location_id) VALUES (2, 'broken', 1, 1);
+               INSERT INTO reduction_step (id, pipeline_id, name, reduction_software_id, reduction_software_version_id,
+                                           version_policy, group_by, cooldown_seconds, max_retries)
+                 VALUES (2, 2, 'step', 2, 2, 'EXACT', '["executed_obs_unit"]', 0, 0);"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(lifecycle::create_runs(db).await, 6);
+        let local = || LocalBackend::new(vec![env!("CARGO_BIN_EXE_ccat-wfm").to_owned()]);
+        let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
+        let rm = ResultManager::new(db.clone(), local(), site.result_options());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let runs = loop {
+            let report = wm.cycle(Utc::now()).await.unwrap();
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            rm.cycle(Utc::now()).await.unwrap();
+            let runs = lifecycle::runs(db).await;
+            if runs
+                .iter()
+                .all(|r| r.status == "COMPLETED" || r.status == "FAILED")
+                || Instant::now() > deadline
+            {
+                break runs;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for r in &runs {
+            if r.id <= 3 {
+                assert_eq!(r.status, "COMPLETED", "{}: {r:?}", t.url);
+            } else {
+                assert_eq!(r.status, "FAILED", "{}: {r:?}", t.url);
+                let reason = r.error_message.as_deref().unwrap_or_default();
+                assert!(reason.contains("not a JSON list of strings"), "{reason}");
+            }
+        }
+    }
+}

@@ -162,8 +162,9 @@ pub fn read_tail(path: &std::path::Path, max_bytes: u64) -> Option<String> {
     let len = file.metadata().ok()?.len();
     file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)))
         .ok()?;
+    // At most max_bytes even if the log grows meanwhile.
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).ok()?;
+    file.take(max_bytes).read_to_end(&mut bytes).ok()?;
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 

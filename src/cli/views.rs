@@ -50,12 +50,34 @@ pub(super) async fn run_detail(
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        println!("{key:<width$}  {shown}");
+        println!("{key:<width$}  {}", printable(&shown));
     }
     if let Some(Value::String(tail)) = log_tail {
-        println!("\nlog tail:\n{tail}");
+        println!("\nlog tail:\n{}", printable(&tail));
     }
     Ok(0)
+}
+
+/// Text from jobs and the database as a terminal may show it: control characters other
+/// than newline and tab (escape sequences could rewrite the screen or the title) are
+/// shown as `\u{..}`.
+pub(super) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Run states in lifecycle order, and the column headers they are shown under.
@@ -289,7 +311,10 @@ pub(super) fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
         .load_preset(comfy_table::presets::NOTHING)
         .set_content_arrangement(comfy_table::ContentArrangement::Dynamic)
         .set_header(header.iter().copied())
-        .add_rows(rows.iter().cloned());
+        .add_rows(
+            rows.iter()
+                .map(|row| row.iter().map(|cell| printable(cell).into_owned())),
+        );
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
     }
@@ -387,4 +412,18 @@ pub(super) fn print_product_lineage(lineage: &crate::db::lineage::ProductLineage
         .map(|p| format!("{} ({})", p.name, p.id))
         .collect();
     println!("\nraw data packages: {}", names.join(", "));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_escapes_from_jobs_are_shown_not_obeyed() {
+        assert_eq!(printable("ok\n\tline"), "ok\n\tline");
+        assert_eq!(
+            printable("a\u{1b}]0;pwned\u{7}b"),
+            "a\\u{1b}]0;pwned\\u{7}b"
+        );
+    }
 }

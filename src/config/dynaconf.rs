@@ -265,7 +265,7 @@ fn load_env_vars(loaded: &mut Loaded, ctx: &LoadContext) -> Result<(), DynaconfE
             let value = parse_env_value(raw).map_err(|message| DynaconfError::Value {
                 key: key.to_uppercase(),
                 origin: origin.clone(),
-                message,
+                message: hide_if_secret(key, message),
             })?;
             set_path(loaded, key, value, &origin, false)?;
         }
@@ -281,6 +281,20 @@ enum Parsed {
     Merge(Value),
     /// `@del`: remove the key.
     Delete,
+}
+
+/// A parse error of a secret setting says what is wrong without quoting the value
+/// (`@int s3cret` would otherwise print the password).
+pub fn hide_if_secret(key: &str, message: String) -> String {
+    let key = key.to_uppercase();
+    if ["PASSWORD", "SECRET", "TOKEN"]
+        .iter()
+        .any(|s| key.contains(s))
+    {
+        "its value cannot be read (not shown: the setting is a secret)".into()
+    } else {
+        message
+    }
 }
 
 /// An environment variable's text parsed as Dynaconf would, as a plain value
@@ -394,7 +408,7 @@ fn convert_toml_strings(value: Value, key: &str, origin: &str) -> Result<Parsed,
     let err = |message| DynaconfError::Value {
         key: key.to_uppercase(),
         origin: origin.to_owned(),
-        message,
+        message: hide_if_secret(key, message),
     };
     // A top-level cast string can also delete or merge.
     if let Value::String(s) = &value

@@ -329,7 +329,7 @@ fn database_settings(r: &Reader<'_>, ctx: &LoadContext) -> Result<DatabaseSettin
                 key: key.clone(),
                 origin: format!("environment variable {name}"),
                 expected: "a valid value".into(),
-                got: message,
+                got: dynaconf::hide_if_secret(&key, message),
             })?;
             origins.insert(key.clone(), format!("environment variable {name}"));
             values.insert(key, value);
@@ -657,6 +657,14 @@ mod tests {
             err.contains("REDIS_PASSWORD") && !err.contains("s3cret"),
             "{err}"
         );
+        // Nor when Dynaconf's casts cannot read it, from either prefix.
+        for (name, raw) in [
+            ("CCAT_WORKFLOW_MANAGER_REDIS_PASSWORD", "@int s3cret"),
+            ("CCAT_OPS_DB_DATABASE_POSTGRESQL_PASSWORD", "@float s3cret"),
+        ] {
+            let err = settings(&[(name, raw)]).unwrap_err().to_string();
+            assert!(err.contains("PASSWORD") && !err.contains("s3cret"), "{err}");
+        }
     }
 
     #[test]

@@ -320,15 +320,33 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    // Only the authority (before the first '/') can hold credentials.
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}@{host}{path}")
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (rest, None),
+    };
+    // Credentials end at the last '@' (a password may hold '/' or '@' when not escaped).
+    let mut out = format!("{scheme}://");
+    match rest.rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            out.push_str(user);
+            out.push_str(&rest[at..]);
         }
-        None => url.to_owned(),
+        None => out.push_str(rest),
     }
+    // sqlx also takes the password as a query parameter.
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().contains("password") => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -343,6 +361,14 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://wm@db/ops"), "postgres://wm@db/ops");
         assert_eq!(redact_url("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+        assert_eq!(
+            redact_url("postgres://wm:pa/ss@db/ops"),
+            "postgres://wm@db/ops"
+        );
+        assert_eq!(
+            redact_url("postgres://db/ops?user=wm&password=s3cret&sslmode=require"),
+            "postgres://db/ops?user=wm&password=***&sslmode=require"
+        );
     }
 
     #[test]

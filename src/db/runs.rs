@@ -83,7 +83,8 @@ pub struct RunWork {
     pub software_version: String,
     pub image_ref: String,
     pub image_digest: Option<String>,
-    pub command: Json<Vec<String>>,
+    /// The software version's command as stored (a JSON list of strings when sound).
+    pub command: super::pipelines::JsonText,
     pub cpu: i64,
     pub memory_gb: f64,
     pub time_hours: f64,
@@ -158,7 +159,7 @@ const RUN_WORK: &str = "\
            p.name AS pipeline_name, p.processing_location_id, r.sub_group_key, r.sub_group, \
            r.config_snapshot, r.excluded_upstream, r.retry_count, r.max_retries, r.submitted_at, \
            sw.name AS software_name, v.version AS software_version, v.image_ref, v.image_digest, \
-           v.command, CAST(COALESCE(s.cpu, v.default_cpu) AS BIGINT) AS cpu, \
+           CAST(v.command AS TEXT) AS command, CAST(COALESCE(s.cpu, v.default_cpu) AS BIGINT) AS cpu, \
            CAST(COALESCE(s.memory_gb, v.default_memory_gb) AS DOUBLE PRECISION) AS memory_gb, \
            CAST(COALESCE(s.time_hours, v.default_time_hours) AS DOUBLE PRECISION) AS time_hours, \
            NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \

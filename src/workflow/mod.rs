@@ -540,6 +540,12 @@ pub fn plan_job(
     products: &[ProductInput],
     now: DateTime<Utc>,
 ) -> Result<JobPlan, String> {
+    let argv: Vec<String> = serde_json::from_str(&run.command.0).map_err(|e| {
+        format!(
+            "{} {}: its command is not a JSON list of strings ({e})",
+            run.software_name, run.software_version
+        )
+    })?;
     let layout = RunLayout::new(
         &options.pipeline_base_dir,
         &run.pipeline_name,
@@ -617,7 +623,7 @@ pub fn plan_job(
             version: run.software_version.clone(),
             image_ref: run.image_ref.clone(),
             image_digest: run.image_digest.clone(),
-            command: run.command.0.clone(),
+            command: argv.clone(),
         },
         configuration: run.config_snapshot.0.clone(),
         inputs: manifest_inputs,
@@ -642,7 +648,7 @@ pub fn plan_job(
         runtime: options.runtime,
         apptainer: &options.apptainer,
         image: &image,
-        command: &run.command.0,
+        command: &argv,
         layout: &layout,
         final_step: run.is_final,
         inputs: &inputs,
@@ -655,8 +661,10 @@ pub fn plan_job(
         command: job_command,
         attempt_dir: layout.attempt_dir(),
         cpus: run.cpu.clamp(1, 100_000) as u32,
-        memory_mb: (run.memory_gb * 1024.0).ceil().max(1.0) as u64,
-        time_limit_seconds: (run.time_hours * 3600.0).ceil().max(1.0) as u64,
+        // Bounded, so that no value in the database makes a nonsense request (at most
+        // a petabyte, ten years).
+        memory_mb: (run.memory_gb * 1024.0).ceil().clamp(1.0, 1e9) as u64,
+        time_limit_seconds: (run.time_hours * 3600.0).ceil().clamp(1.0, 315_360_000.0) as u64,
     };
     Ok(JobPlan {
         layout,
