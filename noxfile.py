@@ -4,6 +4,13 @@ Sessions:
   tests  Rust tests on SQLite and PostgreSQL, then the wheel built, installed and tested
          with pytest (services from scripts/services.sh).
   lint   rustfmt and clippy (warnings are errors), with and without the Python bindings.
+  soak   the production layout under faults for minutes, then the data-safety invariants
+         (scripts/soak.py), on the local backend and on SLURM; not run by CI, whose
+         default run has a short version (tests/python/test_soak.py). Arguments after
+         `--` go to scripts/soak.py, e.g. `-- --packages 5000 --stream-seconds 600`.
+  fuzz   each cargo-fuzz target (fuzz/) for a bounded time on the nightly toolchain
+         (`-- SECONDS`, default 60 each); a finding fails the session and leaves its
+         input in fuzz/artifacts/.
   bench  performance figures beside the goals they are judged against (not run by CI;
          run it on a quiet machine): Celery publishing, then the trigger-manager;
          `-- 10000 100000` picks archive sizes.
@@ -62,6 +69,33 @@ def lint(session: nox.Session) -> None:
         "cargo", "clippy", "--locked", "--features", "python", "--lib", "--", "-D", "warnings",
         external=True, env=env,
     )
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    env = services_env(session)
+    session.install(".[test]")
+    for backend in ("local", "slurm"):
+        session.run("python", str(ROOT / "scripts" / "soak.py"), "--backend", backend, *session.posargs, env=env)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    seconds = session.posargs[0] if session.posargs else "60"
+    fuzz_dir = ROOT / "fuzz"
+    if subprocess.run(["cargo", "+nightly", "fuzz", "--version"], capture_output=True).returncode != 0:
+        session.run("cargo", "+nightly", "install", "--locked", "cargo-fuzz", external=True)
+    targets = subprocess.run(
+        ["cargo", "+nightly", "fuzz", "list"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split()
+    for target in targets:
+        corpus = fuzz_dir / "corpus" / target
+        corpus.mkdir(parents=True, exist_ok=True)
+        session.run(
+            "cargo", "+nightly", "fuzz", "run", target, str(corpus), str(fuzz_dir / "seeds" / target),
+            "--", f"-max_total_time={seconds}", "-timeout=10", "-rss_limit_mb=4096",
+            external=True,
+        )
 
 
 @nox.session
