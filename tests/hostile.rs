@@ -452,3 +452,55 @@ async fn a_software_command_that_is_not_a_list_fails_only_its_runs() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_input_copy_outside_its_locations_base_path_fails_only_its_run() {
+    use ccat_workflow_manager::config::StagingMode;
+    use ccat_workflow_manager::results::ResultManager;
+    use ccat_workflow_manager::workflow::WorkflowManager;
+    use common::lifecycle;
+    use std::time::{Duration, Instant};
+
+    for t in TestDatabase::both_migrated("hostile_confined").await {
+        let db = &t.db;
+        let site =
+            lifecycle::setup_site(db, &pipeline_sql(&command_json(&["ok"]), 1.0, 0), None).await;
+        // Package 1's copy names a file of the host outside the archive.
+        exec(
+            db,
+            &format!(
+                "UPDATE data_location SET base_path = {} WHERE id = 2;
+                 UPDATE physical_copy SET full_path = '/etc/hostname' WHERE raw_data_package_id = 1;",
+                quoted(&site.archive().display().to_string())
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(lifecycle::create_runs(db).await, 3);
+        let local = || LocalBackend::new(vec![env!("CARGO_BIN_EXE_ccat-wfm").to_owned()]);
+        let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
+        let rm = ResultManager::new(db.clone(), local(), site.result_options());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let runs = loop {
+            wm.cycle(Utc::now()).await.unwrap();
+            rm.cycle(Utc::now()).await.unwrap();
+            let runs = lifecycle::runs(db).await;
+            if runs
+                .iter()
+                .all(|r| r.status == "COMPLETED" || r.status == "FAILED")
+                || Instant::now() > deadline
+            {
+                break runs;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let failed: Vec<_> = runs.iter().filter(|r| r.status == "FAILED").collect();
+        assert_eq!(failed.len(), 1, "{}: {runs:?}", t.url);
+        let reason = failed[0].error_message.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains("lies outside its location's base path"),
+            "{reason}"
+        );
+        assert_eq!(runs.iter().filter(|r| r.status == "COMPLETED").count(), 2);
+    }
+}

@@ -456,7 +456,7 @@ impl KubernetesBackend {
         match log {
             Ok(text) => {
                 let path = job.attempt_dir.join(super::JOB_LOG);
-                if let Err(e) = std::fs::write(&path, text) {
+                if let Err(e) = super::write_private(&path, text.as_bytes()) {
                     tracing::warn!(path = %path.display(), error = %e, "job log not kept");
                 }
             }

@@ -134,17 +134,12 @@ impl Backend for LocalBackend {
 
     async fn submit(&self, spec: &JobSpec) -> Result<String, BackendError> {
         let dir = &spec.attempt_dir;
-        std::fs::write(dir.join(LAUNCH_FILE), Utc::now().to_rfc3339()).map_err(
+        super::write_private(&dir.join(LAUNCH_FILE), Utc::now().to_rfc3339().as_bytes()).map_err(
             BackendError::io(format!("writing {}", dir.join(LAUNCH_FILE).display())),
         )?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(spec.log_path())
-            .map_err(BackendError::io(format!(
-                "opening {}",
-                spec.log_path().display()
-            )))?;
+        let log = super::open_private(&spec.log_path(), true).map_err(BackendError::io(
+            format!("opening {}", spec.log_path().display()),
+        ))?;
         let log2 = log
             .try_clone()
             .map_err(BackendError::io("duplicating the log handle"))?;
@@ -289,7 +284,7 @@ fn kill_rest_of_group() {
 /// never sees half a record.
 fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents)?;
+    super::write_private(&tmp, contents)?;
     std::fs::rename(&tmp, path)
 }
 

@@ -168,6 +168,27 @@ pub fn read_tail(path: &std::path::Path, max_bytes: u64) -> Option<String> {
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// Writes a file of a run directory as the managers do: owner read-write, group read
+/// (0640, whatever the umask lets through), and never through a link planted at `path`.
+pub fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    open_private(path, false)?.write_all(contents)
+}
+
+/// Opens a file of a run directory for writing (appending or truncating), 0640 when
+/// created, refusing a link at `path`.
+pub fn open_private(path: &std::path::Path, append: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .append(append)
+        .truncate(!append)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// The backend `HPC_BACKEND` names. `launcher` starts the local backend's job wrapper
 /// (None: this executable).
 pub fn from_settings(

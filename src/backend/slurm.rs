@@ -335,10 +335,9 @@ impl Backend for SlurmBackend {
     async fn submit(&self, spec: &JobSpec) -> Result<String, BackendError> {
         let script_path = spec.attempt_dir.join(SCRIPT);
         let script = batch_script(spec).map_err(BackendError::Invalid)?;
-        std::fs::write(&script_path, script).map_err(BackendError::io(format!(
-            "writing {}",
-            script_path.display()
-        )))?;
+        super::write_private(&script_path, script.as_bytes()).map_err(BackendError::io(
+            format!("writing {}", script_path.display()),
+        ))?;
         let out = self
             .run("sbatch", &self.sbatch_args(spec, &script_path))
             .await?;

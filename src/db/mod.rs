@@ -39,6 +39,8 @@ pub enum DbError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("refusing the SQLite database {path}: {reason}")]
+    SqliteUnsafe { path: String, reason: String },
     #[error("cannot create the SQLite directory {path}: {source}")]
     SqliteDir {
         path: String,
@@ -103,6 +105,7 @@ impl Database {
                         source,
                     })?;
                 }
+                check_sqlite_file(path)?;
                 let options = sqlite_options(SqliteConnectOptions::new().filename(path));
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
@@ -143,7 +146,9 @@ impl Database {
             source,
         };
         if url.starts_with("sqlite:") {
-            let options = sqlite_options(SqliteConnectOptions::from_str(url).map_err(connect)?);
+            let options = SqliteConnectOptions::from_str(url).map_err(connect)?;
+            check_sqlite_file(options.get_filename())?;
+            let options = sqlite_options(options);
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .connect_with(options)
@@ -315,6 +320,29 @@ impl SchemaReport {
     }
 }
 
+/// The database holds the commands the managers run: an existing SQLite file that
+/// another user owns or anyone may write (the default lives in `/tmp`, where anyone can
+/// create it first) is refused.
+fn check_sqlite_file(path: &std::path::Path) -> Result<(), DbError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(()); // created by us
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let reason = if meta.uid() != me {
+        format!("it belongs to another user (uid {})", meta.uid())
+    } else if meta.mode() & 0o002 != 0 {
+        "anyone may write it (chmod o-w)".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(DbError::SqliteUnsafe {
+        path: path.display().to_string(),
+        reason,
+    })
+}
+
 /// Drops the password from a database URL before it is shown anywhere.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -352,6 +380,20 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_world_writable_sqlite_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ops.sqlite");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let url = format!("sqlite://{}", path.display());
+        let err = Database::connect_url(&url).await.unwrap_err().to_string();
+        assert!(err.contains("anyone may write it"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        Database::connect_url(&url).await.unwrap();
+    }
 
     #[test]
     fn redacts_passwords_from_urls() {

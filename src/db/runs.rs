@@ -108,6 +108,8 @@ pub struct RawInput {
     pub checksum: Option<String>,
     pub data_location_id: Option<i64>,
     pub full_path: Option<String>,
+    /// The base path of the copy's data location, when it has one.
+    pub location_base_path: Option<String>,
 }
 
 /// An upstream data product a run reads, with its copy at the processing location.
@@ -363,7 +365,7 @@ impl Database {
         on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT p.id AS raw_data_package_id, p.name, p.size_bytes, p.checksum, \
-                        c.data_location_id, c.full_path \
+                        c.data_location_id, c.full_path, l.base_path AS location_base_path \
                  FROM executed_reduction_step_raw_input i \
                  JOIN raw_data_package p ON p.id = i.raw_data_package_id \
                  LEFT JOIN physical_copy c ON c.id = ( \
@@ -371,6 +373,7 @@ impl Database {
                      WHERE c2.raw_data_package_id = p.id AND c2.status IN ('PRESENT', 'STAGED') \
                      ORDER BY CASE WHEN c2.data_location_id = $2 THEN 0 ELSE 1 END, \
                               c2.data_location_id, c2.id LIMIT 1) \
+                 LEFT JOIN data_location l ON l.id = c.data_location_id \
                  WHERE i.executed_reduction_step_id = $1 ORDER BY p.id",
             )
             .bind(run_id)

@@ -51,8 +51,27 @@ pub fn path_component(name: &str) -> String {
             out.push_str(&format!("~{b:02X}"));
         }
     }
-    if out.is_empty() { "~".into() } else { out }
+    if out.is_empty() {
+        return "~".into();
+    }
+    if out.len() <= MAX_COMPONENT_LEN {
+        return out;
+    }
+    // File systems take 255 bytes a name: a longer one is cut, and a hash of the whole
+    // name keeps it apart from every other.
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let mut cut = MAX_COMPONENT_LEN - hash.len() - 2;
+    // Not inside an escape (`~XX`).
+    while out[..cut].ends_with('~') || out[..cut - 1].ends_with('~') {
+        cut -= 1;
+    }
+    format!("{}~~{hash}", &out[..cut])
 }
+
+/// The longest path component made from a name (file systems allow 255 bytes).
+const MAX_COMPONENT_LEN: usize = 200;
 
 /// The host directories of one attempt of one run.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,6 +258,11 @@ mod tests {
         assert_eq!(path_component("x y\n$(z)"), "x~20y~0A~24~28z~29");
         assert_eq!(path_component("v1.2"), "v1.2");
         assert_eq!(path_component("s=a~20b"), "s=a~7E20b");
+        // Long names are cut with a hash that keeps them apart.
+        let long = path_component(&"/".repeat(100));
+        assert!(long.len() <= 200 && long.contains("~~"), "{long}");
+        assert_ne!(long, path_component(&"/".repeat(101)));
+        assert!(!long[..long.find("~~").unwrap()].ends_with("~2"));
     }
 
     #[test]

@@ -450,6 +450,9 @@ impl<B: Backend> WorkflowManager<B> {
     /// waits for data-transfer; `None` when all inputs are present.
     async fn stage(&self, run: &RunWork, raw: &[RawInput]) -> Result<Option<Outcome>, RunError> {
         let location = run.processing_location_id;
+        for package in raw {
+            confined(package).map_err(RunError::Fail)?;
+        }
         match self.options.staging_mode {
             StagingMode::Local => {
                 for package in raw {
@@ -532,6 +535,36 @@ pub struct JobPlan {
 
 /// Plans a run's job from its rows (no I/O beyond looking for a cached SIF): what
 /// [`WorkflowManager`] submits, and what `CommandBuilder` shows in Python.
+/// A raw input's copy must lie inside its data location's base path, when the location
+/// has one: a path in the database (`~/.ssh/id_rsa`, `/etc/shadow`) is otherwise bound
+/// into the job as one of its inputs. Links are resolved first.
+fn confined(package: &RawInput) -> Result<(), String> {
+    let (Some(path), Some(base)) = (&package.full_path, &package.location_base_path) else {
+        return Ok(());
+    };
+    if base.is_empty() {
+        return Ok(());
+    }
+    let (Ok(path), Ok(base)) = (
+        Path::new(path).canonicalize(),
+        Path::new(base).canonicalize(),
+    ) else {
+        // Missing: the readability checks say so.
+        return Ok(());
+    };
+    if path.starts_with(&base) {
+        Ok(())
+    } else {
+        Err(format!(
+            "raw data package {} ({}): its copy {} lies outside its location's base path {}",
+            package.name,
+            package.raw_data_package_id,
+            path.display(),
+            base.display()
+        ))
+    }
+}
+
 pub fn plan_job(
     options: &WorkflowOptions,
     tag: &str,
@@ -732,7 +765,7 @@ pub fn prepare(
     inputs: &[BoundInput],
     manifest: &Manifest,
 ) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let with = |path: &Path, e: std::io::Error| {
         std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
     };
@@ -757,9 +790,7 @@ pub fn prepare(
     let path = layout.manifest();
     let text = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|e| with(&tmp, e))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o640))
-        .map_err(|e| with(&tmp, e))?;
+    crate::backend::write_private(&tmp, &text).map_err(|e| with(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| with(&path, e))?;
     Ok(())
 }
