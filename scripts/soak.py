@@ -585,9 +585,9 @@ def main() -> int:
     parser.add_argument("--sources", type=int, default=12)
     parser.add_argument("--fault-every", type=float, default=4, help="mean seconds between faults")
     parser.add_argument("--max-retries", type=int, default=3)
-    parser.add_argument("--max-active-jobs", type=int, default=None,
-                        help="MAX_ACTIVE_JOBS (default: 16 local, 48 on SLURM, whose jobs take "
-                             "seconds to be scheduled, launched and seen ending)")
+    parser.add_argument("--max-active-jobs", type=int, default=16,
+                        help="MAX_ACTIVE_JOBS (more makes a small machine thrash, above all on "
+                             "SLURM, whose every job adds its daemons' work)")
     parser.add_argument("--settle-timeout", type=float, default=None,
                         help="seconds to wait for the last runs after the faults stop "
                              "(default: 300 + 1 per package)")
@@ -595,8 +595,6 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the services running and the dir in place")
     parser.add_argument("--ccat-wfm", help="the ccat-wfm executable (default: this environment's)")
     args = parser.parse_args()
-    if args.max_active_jobs is None:
-        args.max_active_jobs = 48 if args.backend == "slurm" else 16
     if args.settle_timeout is None:
         args.settle_timeout = 300 + args.packages
     soak = Soak(args)
