@@ -399,11 +399,7 @@ async fn sub_group_values_with_path_characters_stay_one_directory() {
 
 #[tokio::test]
 async fn a_software_command_that_is_not_a_list_fails_only_its_runs() {
-    use ccat_workflow_manager::config::StagingMode;
-    use ccat_workflow_manager::results::ResultManager;
-    use ccat_workflow_manager::workflow::WorkflowManager;
     use common::lifecycle;
-    use std::time::{Duration, Instant};
 
     for t in TestDatabase::both_migrated("hostile_command").await {
         let db = &t.db;
@@ -423,24 +419,7 @@ async fn a_software_command_that_is_not_a_list_fails_only_its_runs() {
         .await
         .unwrap();
         assert_eq!(lifecycle::create_runs(db).await, 6);
-        let local = || LocalBackend::new(vec![env!("CARGO_BIN_EXE_ccat-wfm").to_owned()]);
-        let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
-        let rm = ResultManager::new(db.clone(), local(), site.result_options());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let runs = loop {
-            let report = wm.cycle(Utc::now()).await.unwrap();
-            assert!(report.errors.is_empty(), "{:?}", report.errors);
-            rm.cycle(Utc::now()).await.unwrap();
-            let runs = lifecycle::runs(db).await;
-            if runs
-                .iter()
-                .all(|r| r.status == "COMPLETED" || r.status == "FAILED")
-                || Instant::now() > deadline
-            {
-                break runs;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let runs = run_to_the_end(db, &site).await;
         for r in &runs {
             if r.id <= 3 {
                 assert_eq!(r.status, "COMPLETED", "{}: {r:?}", t.url);
@@ -455,11 +434,7 @@ async fn a_software_command_that_is_not_a_list_fails_only_its_runs() {
 
 #[tokio::test]
 async fn an_input_copy_outside_its_locations_base_path_fails_only_its_run() {
-    use ccat_workflow_manager::config::StagingMode;
-    use ccat_workflow_manager::results::ResultManager;
-    use ccat_workflow_manager::workflow::WorkflowManager;
     use common::lifecycle;
-    use std::time::{Duration, Instant};
 
     for t in TestDatabase::both_migrated("hostile_confined").await {
         let db = &t.db;
@@ -477,23 +452,7 @@ async fn an_input_copy_outside_its_locations_base_path_fails_only_its_run() {
         .await
         .unwrap();
         assert_eq!(lifecycle::create_runs(db).await, 3);
-        let local = || LocalBackend::new(vec![env!("CARGO_BIN_EXE_ccat-wfm").to_owned()]);
-        let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
-        let rm = ResultManager::new(db.clone(), local(), site.result_options());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let runs = loop {
-            wm.cycle(Utc::now()).await.unwrap();
-            rm.cycle(Utc::now()).await.unwrap();
-            let runs = lifecycle::runs(db).await;
-            if runs
-                .iter()
-                .all(|r| r.status == "COMPLETED" || r.status == "FAILED")
-                || Instant::now() > deadline
-            {
-                break runs;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let runs = run_to_the_end(db, &site).await;
         let failed: Vec<_> = runs.iter().filter(|r| r.status == "FAILED").collect();
         assert_eq!(failed.len(), 1, "{}: {runs:?}", t.url);
         let reason = failed[0].error_message.as_deref().unwrap_or_default();
@@ -502,5 +461,35 @@ async fn an_input_copy_outside_its_locations_base_path_fails_only_its_run() {
             "{reason}"
         );
         assert_eq!(runs.iter().filter(|r| r.status == "COMPLETED").count(), 2);
+    }
+}
+
+/// Workflow and result cycles on the local backend until every run has COMPLETED or
+/// FAILED (at most a minute); the runs then.
+async fn run_to_the_end(
+    db: &Database,
+    site: &common::lifecycle::Site,
+) -> Vec<common::lifecycle::RunRow> {
+    use ccat_workflow_manager::config::StagingMode;
+    use ccat_workflow_manager::results::ResultManager;
+    use ccat_workflow_manager::workflow::WorkflowManager;
+    use std::time::{Duration, Instant};
+
+    let local = || LocalBackend::new(vec![env!("CARGO_BIN_EXE_ccat-wfm").to_owned()]);
+    let wm = WorkflowManager::new(db.clone(), local(), site.options(StagingMode::Local));
+    let rm = ResultManager::new(db.clone(), local(), site.result_options());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = wm.cycle(Utc::now()).await.unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        rm.cycle(Utc::now()).await.unwrap();
+        let runs = common::lifecycle::runs(db).await;
+        let ended = runs
+            .iter()
+            .all(|r| r.status == "COMPLETED" || r.status == "FAILED");
+        if ended || Instant::now() > deadline {
+            return runs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
