@@ -349,7 +349,7 @@ pub async fn slurm(bench: &SlurmBench) -> anyhow::Result<SlurmFigures> {
     let result = slurm_on(&db, bench, &dir, &backend).await;
     // Whatever happened, leave no job behind.
     let jobs: Vec<String> = db
-        .active_jobs("slurm")
+        .active_jobs("slurm", 1)
         .await
         .unwrap_or_default()
         .into_iter()

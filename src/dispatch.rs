@@ -33,8 +33,9 @@ pub enum DispatchMode {
     Celery,
 }
 
-fn handoff(task_name: &str, queue: &str, run_id: i64) -> Handoff {
+fn handoff(task_name: &str, queue: &str, run_id: i64, location: i64) -> Handoff {
     Handoff {
+        processing_location_id: Some(location),
         task_id: uuid::Uuid::new_v4().to_string(),
         task_name: task_name.to_owned(),
         queue: queue.to_owned(),
@@ -44,14 +45,14 @@ fn handoff(task_name: &str, queue: &str, run_id: i64) -> Handoff {
     }
 }
 
-/// Submit a run whose inputs are ready.
-pub fn submit_run(run_id: i64) -> Handoff {
-    handoff(TASK_SUBMIT_RUN, QUEUE_HPC, run_id)
+/// Submit a run (of processing location `location`) whose inputs are ready.
+pub fn submit_run(run_id: i64, location: i64) -> Handoff {
+    handoff(TASK_SUBMIT_RUN, QUEUE_HPC, run_id, location)
 }
 
-/// Collect the outputs of a run whose job succeeded.
-pub fn collect_run(run_id: i64) -> Handoff {
-    handoff(TASK_COLLECT_RUN, QUEUE_RESULTS, run_id)
+/// Collect the outputs of a run (of processing location `location`) whose job succeeded.
+pub fn collect_run(run_id: i64, location: i64) -> Handoff {
+    handoff(TASK_COLLECT_RUN, QUEUE_RESULTS, run_id, location)
 }
 
 /// What one publishing pass did.
@@ -68,6 +69,9 @@ pub struct Publisher {
     client: redis::Client,
     options: BrokerOptions,
     producer: Option<Producer>,
+    /// Publishes only the hand-offs of this processing location (and those recorded
+    /// without one): two deployments on one ops-db never publish each other's.
+    location: Option<i64>,
     /// Set while Redis is away, so the outage is logged once, not every cycle.
     outage: bool,
 }
@@ -81,15 +85,22 @@ impl Publisher {
                 ..Default::default()
             },
             producer: None,
+            location: None,
             outage: false,
         })
+    }
+
+    /// Publishes only the hand-offs recorded for `location`.
+    pub fn for_location(mut self, location: i64) -> Self {
+        self.location = Some(location);
+        self
     }
 
     /// Publishes every unpublished hand-off, oldest first, in pipelined batches.
     pub async fn publish_pending(&mut self, db: &Database) -> Result<PublishReport, DbError> {
         let mut report = PublishReport::default();
         loop {
-            let rows = db.unpublished_handoffs(BATCH).await?;
+            let rows = db.unpublished_handoffs(BATCH, self.location).await?;
             if rows.is_empty() {
                 break;
             }
@@ -146,7 +157,7 @@ impl Publisher {
                 }
             }
         }
-        report.backlog = db.handoff_backlog().await?;
+        report.backlog = db.handoff_backlog(self.location).await?;
         Ok(report)
     }
 }
@@ -156,7 +167,8 @@ pub fn publisher_for(settings: &crate::config::Settings) -> redis::RedisResult<O
     match settings.workflow.dispatch_mode {
         DispatchMode::Inline => Ok(None),
         DispatchMode::Celery => {
-            Publisher::new(&settings.redis, &settings.workflow.celery_global_keyprefix).map(Some)
+            Publisher::new(&settings.redis, &settings.workflow.celery_global_keyprefix)
+                .map(|p| Some(p.for_location(settings.processing_location_id)))
         }
     }
 }

@@ -35,6 +35,9 @@ pub const BACKEND_ERRORS: &str = "ccat_wfm_backend_errors_total";
 /// Hand-offs recorded in the outbox and not yet published to Redis.
 pub const DISPATCH_BACKLOG: &str = "ccat_wfm_dispatch_backlog";
 pub const DISPATCH_PUBLISHED: &str = "ccat_wfm_dispatch_published_total";
+/// Jobs submitted while their run's lease was lost (cancelled or taken over meanwhile),
+/// cancelled at once.
+pub const FENCED_JOBS: &str = "ccat_wfm_fenced_jobs_total";
 
 /// Cycle durations from a millisecond (a quiet cycle) to ten minutes (a full re-evaluation).
 const CYCLE_BUCKETS: [f64; 12] = [
@@ -48,6 +51,11 @@ pub fn count_runs(name: &'static str, pipeline: &str, n: u64) {
     if n > 0 {
         metrics::counter!(name, "pipeline" => pipeline.to_owned()).increment(n);
     }
+}
+
+/// Counts one job cancelled because it was submitted under a lost lease.
+pub fn count_fenced_job() {
+    metrics::counter!(FENCED_JOBS).increment(1);
 }
 
 /// Records one finished cycle of `manager`.

@@ -9,11 +9,35 @@ use common::TestDatabase;
 async fn migrate_is_idempotent_and_check_passes() {
     for t in TestDatabase::both("migrate").await {
         let first = t.db.migrate().await.unwrap();
-        assert_eq!(first, vec![1, 2, 3, 4], "{}", t.url);
+        assert_eq!(first, vec![1, 2, 3, 4, 5], "{}", t.url);
         let second = t.db.migrate().await.unwrap();
         assert!(second.is_empty(), "{}: {second:?}", t.url);
         let report = t.db.check().await.unwrap();
         assert!(report.is_complete(), "{}: {report:?}", t.url);
+    }
+}
+
+#[tokio::test]
+async fn each_database_gets_its_own_deployment_id_once() {
+    let mut ids = Vec::new();
+    for label in ["deploy_a", "deploy_b"] {
+        for t in TestDatabase::both_migrated(label).await {
+            let id = t.db.deployment_id().await.unwrap();
+            assert_eq!(id.len(), 32, "{}: {id}", t.url);
+            t.db.migrate().await.unwrap();
+            assert_eq!(t.db.deployment_id().await.unwrap(), id, "stable: {}", t.url);
+            ids.push(id);
+        }
+    }
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+}
+
+#[tokio::test]
+async fn an_unmigrated_database_has_no_deployment_id_and_says_what_to_do() {
+    for t in TestDatabase::both("deploy_none").await {
+        let err = t.db.deployment_id().await.unwrap_err().to_string();
+        assert!(err.contains("ccat-wfm db migrate"), "{}: {err}", t.url);
     }
 }
 

@@ -88,6 +88,7 @@ fn free_port() -> u16 {
 fn handoffs(from: i64, to: i64) -> Vec<Handoff> {
     (from..to)
         .map(|i| Handoff {
+            processing_location_id: Some(1),
             task_id: uuid::Uuid::new_v4().to_string(),
             task_name: "ccat_workflow_manager.tasks.submit_run".into(),
             queue: "workflow.hpc".into(),

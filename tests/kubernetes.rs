@@ -67,6 +67,7 @@ fn spec_in(base: &std::path::Path, runtime: ContainerRuntime, input: &str, run: 
     .unwrap();
     JobSpec {
         tag: format!("ccat-1a2b3c4d-run-{run}-a1"),
+        nonce: "n1".into(),
         command,
         attempt_dir: layout.attempt_dir(),
         cpus: 4,

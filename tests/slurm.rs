@@ -185,7 +185,7 @@ async fn jobs_complete_and_fail_on_slurm_with_words_passed_verbatim() {
     // The job carries its run in its name.
     let run = &runs(db).await[0];
     assert_eq!(
-        jobs_named(&site, &wm.job_tag(run.id, 1)),
+        jobs_named(&site, &wm.job_tag(run.id, 1).await.unwrap()),
         vec![run.hpc_job_id.clone().unwrap()]
     );
 
@@ -386,7 +386,9 @@ async fn a_manager_killed_after_sbatch_adopts_the_job_on_restart() {
     assert_eq!(run.status, "STAGING_DATA");
     assert_eq!(run.hpc_job_id, None, "the id was never recorded");
     let tag = ccat_workflow_manager::workflow::job_tag(
-        &ccat_workflow_manager::workflow::tag_prefix(&t.db.describe()),
+        &ccat_workflow_manager::workflow::deployment_tag_prefix(&t.db)
+            .await
+            .unwrap(),
         run.id,
         1,
     );
@@ -486,7 +488,7 @@ async fn an_unreadable_sbatch_answer_is_settled_by_the_tag_not_by_a_second_job()
     let report = wm.cycle(Utc::now()).await.unwrap();
     assert_eq!((report.adopted, report.submitted), (1, 0), "{report:?}");
     assert_eq!(take_calls(site.dir.path()).get("sbatch"), None);
-    let tag = wm.job_tag(run.id, 1);
+    let tag = wm.job_tag(run.id, 1).await.unwrap();
     let jobs = jobs_named(&site, &tag);
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(

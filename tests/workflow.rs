@@ -373,15 +373,17 @@ async fn runs_of_a_dead_instance_are_taken_over_and_live_leases_respected() {
         let options = site.options(StagingMode::DataTransfer);
         let first = WorkflowManager::new(db.clone(), local(), options.clone());
         assert_eq!(first.cycle(Utc::now()).await.unwrap().held, 3);
-        // Make the holder of run 1 a dead process on this host, and of run 2 a live
-        // instance on another host; run 3 stays with `first`.
-        let host = first.owner().split(':').next().unwrap().to_owned();
+        // Make the holder of run 1 a dead process on this host (in this PID namespace),
+        // and of run 2 an instance in a container with the same host name but its own PID
+        // namespace, whose pid means nothing here; run 3 stays with `first`.
+        let mut parts = first.owner().split(':');
+        let (host, namespace) = (parts.next().unwrap(), parts.next().unwrap());
         exec(
             db,
             &format!(
-                "UPDATE executed_reduction_step SET lease_owner = '{host}:999999999:dead' \
+                "UPDATE executed_reduction_step SET lease_owner = '{host}:{namespace}:999999999:dead' \
                  WHERE sub_group_key = 'executed_obs_unit=1';
-                 UPDATE executed_reduction_step SET lease_owner = 'elsewhere:1:live' \
+                 UPDATE executed_reduction_step SET lease_owner = '{host}:99999999999:999999999:pod' \
                  WHERE sub_group_key = 'executed_obs_unit=2';"
             ),
         )
@@ -394,7 +396,7 @@ async fn runs_of_a_dead_instance_are_taken_over_and_live_leases_respected() {
             "only the dead instance's run: {report:?} {}",
             t.url
         );
-        // Once the other host's lease expires, it is taken over too.
+        // Once the other container's lease expires, it is taken over too.
         let later = Utc::now() + chrono::Duration::minutes(10);
         assert_eq!(second.cycle(later).await.unwrap().held, 3);
         assert_eq!(first.cycle(Utc::now()).await.unwrap().held, 0);

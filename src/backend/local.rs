@@ -179,8 +179,12 @@ impl Backend for LocalBackend {
         Ok(pid.to_string())
     }
 
-    async fn find(&self, _tag: &str, dir: &Path) -> Result<Option<String>, BackendError> {
-        if !dir.join(LAUNCH_FILE).exists() {
+    async fn find(&self, tag: &str, dir: &Path) -> Result<Option<String>, BackendError> {
+        // Only a job launched from a directory made for this very attempt (its identity
+        // names the tag, which carries the deployment id): never the records of another
+        // incarnation of the database that used the same path.
+        if super::AttemptIdentity::token_for(tag, dir).is_none() || !dir.join(LAUNCH_FILE).exists()
+        {
             return Ok(None);
         }
         // Launched just before a crash: give the wrapper a moment to write its pid.

@@ -68,6 +68,9 @@ pub struct JobSpec {
     /// `ccat-{database}-run-{run_id}-a{attempt}`: unique per attempt, findable after a
     /// crash (see [`crate::workflow::job_tag`]).
     pub tag: String,
+    /// Random per attempt, kept in its [`IDENTITY_FILE`]; the job carries it where the
+    /// backend can keep it (SLURM: the comment), so adoption checks both.
+    pub nonce: String,
     pub command: JobCommand,
     /// Per-attempt directory on the host: job log, exit record, batch script.
     pub attempt_dir: PathBuf,
@@ -85,6 +88,58 @@ impl JobSpec {
 
 /// File name of a job's combined output in its attempt directory.
 pub const JOB_LOG: &str = "job.log";
+
+/// File of the attempt directory naming the job submitted for it, `{tag} {nonce}`,
+/// written before the submission is even recorded as intended. A job found by its tag
+/// after a crash is adopted only when this file names the same tag (and, on SLURM, the
+/// job carries the same nonce): a directory or a job left by another incarnation of the
+/// database is never taken for this attempt's.
+pub const IDENTITY_FILE: &str = "job.identity";
+
+/// The identity of an attempt's job: its tag and a nonce (see [`IDENTITY_FILE`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptIdentity {
+    pub tag: String,
+    pub nonce: String,
+}
+
+impl AttemptIdentity {
+    /// A new identity for `tag`.
+    pub fn new(tag: &str) -> Self {
+        AttemptIdentity {
+            tag: tag.to_owned(),
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    /// The identity recorded in `attempt_dir` (None: no file, or not one we wrote).
+    pub fn read(attempt_dir: &std::path::Path) -> Option<Self> {
+        let text = std::fs::read_to_string(attempt_dir.join(IDENTITY_FILE)).ok()?;
+        let (tag, nonce) = text.trim().split_once(' ')?;
+        (!tag.is_empty() && !nonce.is_empty() && !nonce.contains(' ')).then(|| AttemptIdentity {
+            tag: tag.to_owned(),
+            nonce: nonce.to_owned(),
+        })
+    }
+
+    pub fn write(&self, attempt_dir: &std::path::Path) -> std::io::Result<()> {
+        let path = attempt_dir.join(IDENTITY_FILE);
+        write_private(&path, format!("{} {}\n", self.tag, self.nonce).as_bytes())
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+
+    /// What the job itself carries: `{tag}:{nonce}`.
+    pub fn token(&self) -> String {
+        format!("{}:{}", self.tag, self.nonce)
+    }
+
+    /// The token of the attempt in `attempt_dir` if it was made for `tag`.
+    pub fn token_for(tag: &str, attempt_dir: &std::path::Path) -> Option<String> {
+        Self::read(attempt_dir)
+            .filter(|id| id.tag == tag)
+            .map(|id| id.token())
+    }
+}
 
 /// A job the managers follow: its backend id and where its attempt lives.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -165,6 +220,18 @@ pub fn read_tail(path: &std::path::Path, max_bytes: u64) -> Option<String> {
     // At most max_bytes even if the log grows meanwhile.
     let mut bytes = Vec::new();
     file.take(max_bytes).read_to_end(&mut bytes).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The first `max_bytes` of a file, as text.
+pub fn read_head(path: &std::path::Path, max_bytes: u64) -> Option<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(max_bytes)
+        .read_to_end(&mut bytes)
+        .ok()?;
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 

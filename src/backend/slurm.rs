@@ -1,6 +1,13 @@
 //! The `slurm` backend: one batch script per attempt, submitted with `sbatch`; the status
-//! of every active job from one `squeue` per cycle, and for the jobs that left the queue
-//! since, one `sacct` (accounting on) or one `scontrol show job` (accounting off).
+//! of every followed job from one `squeue --states=all --jobs=…` per cycle (our jobs only,
+//! including those finished within the controller's `MinJobAge`), and for jobs the
+//! controller has forgotten, one `sacct` (accounting on), then the attempt's own record.
+//!
+//! The batch script writes that record: it prints the job's identity (tag, nonce, SLURM
+//! id) at the head of the job log and, when the software ends, its exit status to
+//! `exit.json` in the attempt directory. A result-manager that was down for longer than
+//! `MinJobAge` therefore still learns how a job ended, without accounting, and a
+//! takeover still finds a job the controller forgot, instead of submitting it again.
 //!
 //! The batch script is the one place a shell sees our data: every word in it is quoted
 //! ([`shlex`]), so names and configuration from the database arrive verbatim.
@@ -14,6 +21,70 @@ use super::{Backend, BackendError, JobMetrics, JobRef, JobSpec, JobState};
 
 /// File name of the batch script in the attempt directory.
 pub const SCRIPT: &str = "job.sbatch";
+/// File name of the batch script's record of how the software ended.
+pub const EXIT_FILE: &str = "exit.json";
+/// Most job ids on one `squeue`/`sacct` command line.
+const IDS_PER_CALL: usize = 1000;
+
+/// What the batch script records when the software ends (see [`batch_script`]).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ExitRecord {
+    /// The attempt's token (`{tag}:{nonce}`): the record is this attempt's own.
+    pub job: String,
+    /// The SLURM job id the script ran as.
+    pub job_id: String,
+    pub exit_code: i32,
+    pub wall_time_seconds: f64,
+    /// Wall time × the CPUs allocated to the task.
+    pub cpu_seconds: f64,
+}
+
+impl ExitRecord {
+    /// The record in `attempt_dir`, if it is that of job `job_id` of this attempt.
+    pub fn read(attempt_dir: &Path, job_id: &str) -> Option<Self> {
+        let token = super::AttemptIdentity::read(attempt_dir)?.token();
+        let text = std::fs::read_to_string(attempt_dir.join(EXIT_FILE)).ok()?;
+        let record: ExitRecord = serde_json::from_str(&text).ok()?;
+        (record.job == token && record.job_id == job_id).then_some(record)
+    }
+
+    fn metrics(&self) -> JobMetrics {
+        JobMetrics {
+            exit_code: Some(self.exit_code),
+            wall_time_seconds: Some(self.wall_time_seconds),
+            cpu_hours: Some(self.cpu_seconds / 3600.0),
+            peak_memory_gb: None,
+        }
+    }
+
+    /// How the job ended, from its own record.
+    pub fn state(&self) -> JobState {
+        map_state("COMPLETED", self.metrics())
+    }
+}
+
+/// The head line of a job's log naming the job, as the batch script prints it.
+fn log_header(token: &str, job_id: &str) -> String {
+    format!("ccat-wfm: job {token} is SLURM job {job_id}")
+}
+
+/// The SLURM id of the job whose batch script started in `attempt_dir` for `token`, as
+/// it recorded itself (its exit record, or the head line of its log).
+fn recorded_job_id(attempt_dir: &Path, token: &str) -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string(attempt_dir.join(EXIT_FILE))
+        && let Ok(record) = serde_json::from_str::<ExitRecord>(&text)
+        && record.job == token
+        && is_job_id(&record.job_id)
+    {
+        return Some(record.job_id);
+    }
+    let head = super::read_head(&attempt_dir.join(super::JOB_LOG), 4096)?;
+    let prefix = format!("ccat-wfm: job {token} is SLURM job ");
+    head.lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .find(|id| is_job_id(id))
+        .map(str::to_owned)
+}
 /// Longest we wait for one SLURM command before calling it failed.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -91,7 +162,8 @@ impl SlurmBackend {
         let mut args = vec![
             "--parsable".to_owned(),
             format!("--job-name={}", spec.tag),
-            format!("--comment={}", spec.tag),
+            // The attempt's token: a job found by its name is adopted only with it.
+            format!("--comment={}:{}", spec.tag, spec.nonce),
             format!("--output={}", spec.log_path().display()),
             "--open-mode=append".to_owned(),
             format!("--chdir={}", spec.attempt_dir.display()),
@@ -121,33 +193,63 @@ impl SlurmBackend {
         Ok(())
     }
 
-    /// Final states of jobs that left the queue: one `sacct` or one `scontrol` call.
-    async fn finished_states(
+    /// States of `ids` as the controller knows them, finished ones included (within
+    /// its `MinJobAge`): one `squeue` per [`IDS_PER_CALL`] jobs, about our jobs only.
+    async fn controller_states(
+        &self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, String>, BackendError> {
+        let mut states = HashMap::new();
+        for chunk in ids.chunks(IDS_PER_CALL) {
+            let args = [
+                "--noheader".to_owned(),
+                "--states=all".to_owned(),
+                format!("--jobs={}", chunk.join(",")),
+                "--format=%i|%T".to_owned(),
+            ];
+            let out = match self.run("squeue", &args).await {
+                Ok(out) => out,
+                // Asked about one job it has forgotten, squeue fails; about several, it
+                // leaves them out.
+                Err(BackendError::Command { stderr, .. }) if stderr.contains("Invalid job id") => {
+                    String::new()
+                }
+                Err(e) => return Err(e),
+            };
+            for line in out.lines() {
+                if let Some((id, state)) = line.trim().split_once('|') {
+                    states.insert(id.to_owned(), state.to_owned());
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    /// Final states of jobs the controller has forgotten, from accounting (one `sacct`
+    /// per [`IDS_PER_CALL`] jobs); empty without accounting.
+    async fn accounted_states(
         &self,
         ids: &[&str],
     ) -> Result<HashMap<String, JobState>, BackendError> {
-        if self.accounting {
+        let mut states = HashMap::new();
+        if !self.accounting {
+            return Ok(states);
+        }
+        for chunk in ids.chunks(IDS_PER_CALL) {
             let out = self
                 .run(
                     "sacct",
                     &[
                         "--noheader".into(),
                         "--parsable2".into(),
-                        format!("--jobs={}", ids.join(",")),
+                        format!("--jobs={}", chunk.join(",")),
                         "--format=JobID,State,ExitCode,ElapsedRaw,TotalCPU,MaxRSS".into(),
                     ],
                 )
                 .await?;
-            Ok(parse_sacct(&out))
-        } else {
-            let out = self
-                .run(
-                    "scontrol",
-                    &["--oneliner".into(), "show".into(), "job".into()],
-                )
-                .await?;
-            Ok(parse_scontrol(&out))
+            states.extend(parse_sacct(&out));
         }
+        Ok(states)
     }
 }
 
@@ -163,15 +265,21 @@ pub fn slurm_duration(seconds: u64) -> String {
     )
 }
 
-/// The batch script: `cd`, the environment and `exec` of the argument vector, every word
-/// quoted for the shell.
+/// The batch script: the job's identity at the head of its log, the environment, `cd`,
+/// the argument vector, then its exit status recorded in the attempt's `exit.json`. Every
+/// word is quoted for the shell.
 pub fn batch_script(spec: &JobSpec) -> Result<String, String> {
     let quote = |s: &str| {
         shlex::try_quote(s)
             .map(|q| q.into_owned())
             .map_err(|_| format!("a NUL byte in {s:?} cannot be passed to a job"))
     };
+    let token = format!("{}:{}", spec.tag, spec.nonce);
     let mut script = format!("#!/bin/sh\n# {} (ccat-workflow-manager)\n", spec.tag);
+    script.push_str(&format!(
+        "echo {}\"$SLURM_JOB_ID\"\n",
+        quote(&log_header(&token, ""))?
+    ));
     // --export=NONE leaves PATH unset; give the job the manager's search path.
     if let Ok(path) = std::env::var("PATH") {
         script.push_str(&format!("export PATH={}\n", quote(&path)?));
@@ -187,35 +295,22 @@ pub fn batch_script(spec: &JobSpec) -> Result<String, String> {
         quote(&spec.command.workdir.display().to_string())?
     ));
     let argv: Result<Vec<String>, String> = spec.command.argv().iter().map(|w| quote(w)).collect();
-    script.push_str(&format!("exec {}\n", argv?.join(" ")));
+    let record = spec.attempt_dir.join(EXIT_FILE).display().to_string();
+    script.push_str("ccat_t0=$(date +%s)\n");
+    script.push_str(&format!("{}\n", argv?.join(" ")));
+    script.push_str("ccat_code=$?\nccat_wall=$(( $(date +%s) - ccat_t0 ))\n");
+    // Written aside, then renamed: a reader never sees half a record.
+    script.push_str(&format!(
+        "printf '{{\"job\":\"%s\",\"job_id\":\"%s\",\"exit_code\":%d,\
+         \"wall_time_seconds\":%d,\"cpu_seconds\":%d}}\\n' {} \"$SLURM_JOB_ID\" \"$ccat_code\" \
+         \"$ccat_wall\" \"$(( ccat_wall * ${{SLURM_CPUS_PER_TASK:-1}} ))\" > {} && mv -f {} {}\n",
+        quote(&token)?,
+        quote(&format!("{record}.tmp"))?,
+        quote(&format!("{record}.tmp"))?,
+        quote(&record)?,
+    ));
+    script.push_str("exit \"$ccat_code\"\n");
     Ok(script)
-}
-
-/// `JobId=1 JobName=x JobState=FAILED …` lines of `scontrol --oneliner show job`.
-pub fn parse_scontrol(out: &str) -> HashMap<String, JobState> {
-    let mut states = HashMap::new();
-    for line in out.lines() {
-        let mut fields: HashMap<&str, &str> = HashMap::new();
-        for token in line.split(' ') {
-            if let Some((k, v)) = token.split_once('=') {
-                // The first occurrence wins: later free-text fields cannot shadow it.
-                fields.entry(k).or_insert(v);
-            }
-        }
-        let (Some(id), Some(state)) = (fields.get("JobId"), fields.get("JobState")) else {
-            continue;
-        };
-        let wall = fields.get("RunTime").and_then(|t| parse_elapsed(t));
-        let cpus: Option<f64> = fields.get("NumCPUs").and_then(|n| n.parse().ok());
-        let metrics = JobMetrics {
-            exit_code: fields.get("ExitCode").and_then(|c| parse_exit_code(c)),
-            wall_time_seconds: wall,
-            cpu_hours: wall.zip(cpus).map(|(w, c)| w * c / 3600.0),
-            peak_memory_gb: None,
-        };
-        states.insert((*id).to_owned(), map_state(state, metrics));
-    }
-    states
 }
 
 /// `sacct --parsable2` rows: the job's own row gives state and exit code, its steps the
@@ -352,8 +447,12 @@ impl Backend for SlurmBackend {
         Ok(id)
     }
 
-    async fn find(&self, tag: &str, _dir: &Path) -> Result<Option<String>, BackendError> {
-        // Jobs in any state the controller still holds (finished ones for MinJobAge).
+    async fn find(&self, tag: &str, dir: &Path) -> Result<Option<String>, BackendError> {
+        // Only the job this attempt directory was made for: its token is in the job's
+        // comment, so a job of the same name from another incarnation is never adopted.
+        let Some(token) = super::AttemptIdentity::token_for(tag, dir) else {
+            return Ok(None);
+        };
         let out = self
             .run(
                 "squeue",
@@ -362,12 +461,26 @@ impl Backend for SlurmBackend {
                     "--me".into(),
                     "--states=all".into(),
                     format!("--name={tag}"),
-                    "--format=%i".into(),
+                    "--format=%i|%k".into(),
                 ],
             )
             .await?;
-        if let Some(id) = out.split_whitespace().next().filter(|id| is_job_id(id)) {
-            return Ok(Some(id.to_owned()));
+        let mut foreign = Vec::new();
+        for line in out.lines() {
+            let Some((id, comment)) = line.trim().split_once('|') else {
+                continue;
+            };
+            if !is_job_id(id) {
+                continue;
+            }
+            if comment == token {
+                return Ok(Some(id.to_owned()));
+            }
+            foreign.push(id.to_owned());
+        }
+        if !foreign.is_empty() {
+            tracing::warn!(%tag, jobs = ?foreign,
+                "jobs of this name but of another attempt's identity: not adopted");
         }
         if self.accounting {
             let out = self
@@ -378,59 +491,63 @@ impl Backend for SlurmBackend {
                         "--parsable2".into(),
                         "--allocations".into(),
                         format!("--name={tag}"),
-                        "--format=JobID".into(),
+                        "--format=JobID,Comment".into(),
                     ],
                 )
                 .await?;
-            return Ok(out
-                .split_whitespace()
-                .next()
-                .filter(|id| is_job_id(id))
-                .map(str::to_owned));
+            // Accounting keeps comments only with AccountingStoreFlags=job_comment; an
+            // empty one is judged by the name, which carries the deployment id.
+            for line in out.lines() {
+                if let Some((id, comment)) = line.trim().split_once('|')
+                    && is_job_id(id)
+                    && (comment.is_empty() || comment == token)
+                {
+                    return Ok(Some(id.to_owned()));
+                }
+            }
         }
-        Ok(None)
+        // Forgotten by the controller (finished longer than MinJobAge ago, no
+        // accounting): the job's own records in the attempt directory still name it.
+        Ok(recorded_job_id(dir, &token))
     }
 
     async fn status(&self, jobs: &[JobRef]) -> Result<HashMap<String, JobState>, BackendError> {
         if jobs.is_empty() {
             return Ok(HashMap::new());
         }
-        // One squeue for every job of ours still in the queue.
-        let out = self
-            .run(
-                "squeue",
-                &["--noheader".into(), "--me".into(), "--format=%i|%T".into()],
-            )
-            .await?;
-        let mut queued: HashMap<String, JobState> = HashMap::new();
-        for line in out.lines() {
-            if let Some((id, state)) = line.trim().split_once('|') {
-                let state = map_state(state, JobMetrics::default());
-                if !state.is_final() {
-                    queued.insert(id.to_owned(), state);
-                }
-            }
-        }
+        // Only ids SLURM could have given reach a command line.
+        let ids: Vec<&str> = jobs
+            .iter()
+            .map(|j| j.job_id.as_str())
+            .filter(|id| is_job_id(id))
+            .collect();
+        let known = self.controller_states(&ids).await?;
+        let forgotten: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !known.contains_key(*id))
+            .collect();
+        let accounted = if forgotten.is_empty() {
+            HashMap::new()
+        } else {
+            self.accounted_states(&forgotten).await?
+        };
         let mut result = HashMap::with_capacity(jobs.len());
-        let mut left: Vec<&str> = Vec::new();
         for job in jobs {
-            match queued.get(&job.job_id) {
+            let record = || ExitRecord::read(&job.attempt_dir, &job.job_id);
+            let state = match known.get(&job.job_id) {
                 Some(state) => {
-                    result.insert(job.job_id.clone(), state.clone());
+                    // The controller's word on the state; the job's own record gives the
+                    // exit code and times, which squeue does not show.
+                    let metrics = record().map(|r| r.metrics()).unwrap_or_default();
+                    map_state(state, metrics)
                 }
-                // Only ids SLURM could have given reach a command line.
-                None if is_job_id(&job.job_id) => left.push(&job.job_id),
-                None => {
-                    result.insert(job.job_id.clone(), JobState::Vanished);
-                }
-            }
-        }
-        if !left.is_empty() {
-            let finished = self.finished_states(&left).await?;
-            for id in left {
-                let state = finished.get(id).cloned().unwrap_or(JobState::Vanished);
-                result.insert(id.to_owned(), state);
-            }
+                None => match accounted.get(&job.job_id) {
+                    Some(state) => state.clone(),
+                    None => record().map_or(JobState::Vanished, |r| r.state()),
+                },
+            };
+            result.insert(job.job_id.clone(), state);
         }
         Ok(result)
     }
@@ -474,24 +591,42 @@ mod tests {
     }
 
     #[test]
-    fn scontrol_lines_become_states() {
-        let out = "JobId=1 JobName=ccat-run-1-a1 JobState=FAILED Reason=NonZeroExitCode ExitCode=3:0 RunTime=00:00:02 NumCPUs=2 WorkDir=/x JobState=COMPLETED\n\
-                   JobId=3 JobName=wrap JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15 RunTime=00:01:12 NumCPUs=1\n\
-                   JobId=4 JobState=COMPLETED ExitCode=0:0 RunTime=1-00:00:00 NumCPUs=1\n";
-        let states = parse_scontrol(out);
-        match &states["1"] {
+    fn a_jobs_own_record_counts_only_for_its_attempt_and_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = crate::backend::AttemptIdentity {
+            tag: "ccat-abc-run-1-a1".into(),
+            nonce: "n1".into(),
+        };
+        identity.write(dir.path()).unwrap();
+        let write = |job: &str, id: &str, code: i32| {
+            std::fs::write(
+                dir.path().join(EXIT_FILE),
+                format!(
+                    r#"{{"job":"{job}","job_id":"{id}","exit_code":{code},"wall_time_seconds":7,"cpu_seconds":14}}"#
+                ),
+            )
+            .unwrap()
+        };
+        write("ccat-abc-run-1-a1:n1", "42", 3);
+        match ExitRecord::read(dir.path(), "42").unwrap().state() {
             JobState::Failed { reason, metrics } => {
                 assert_eq!(reason, "exit code 3");
-                assert_eq!(metrics.exit_code, Some(3));
-                assert_eq!(metrics.cpu_hours, Some(4.0 / 3600.0));
+                assert_eq!(metrics.cpu_hours, Some(14.0 / 3600.0));
             }
             other => panic!("{other:?}"),
         }
-        assert!(
-            matches!(&states["3"], JobState::Failed { reason, .. } if reason.contains("time limit"))
-        );
-        assert!(
-            matches!(&states["4"], JobState::Succeeded(m) if m.wall_time_seconds == Some(86_400.0))
+        assert_eq!(ExitRecord::read(dir.path(), "43"), None, "another job");
+        write("ccat-abc-run-1-a1:n0", "42", 0);
+        assert_eq!(ExitRecord::read(dir.path(), "42"), None, "another nonce");
+        assert_eq!(recorded_job_id(dir.path(), "ccat-abc-run-1-a1:n1"), None);
+        std::fs::write(
+            dir.path().join(crate::backend::JOB_LOG),
+            "ccat-wfm: job ccat-abc-run-1-a1:n1 is SLURM job 77\nhello\n",
+        )
+        .unwrap();
+        assert_eq!(
+            recorded_job_id(dir.path(), "ccat-abc-run-1-a1:n1").as_deref(),
+            Some("77")
         );
     }
 

@@ -68,6 +68,7 @@ struct StepRow {
     cpu: Option<i32>,
     memory_gb: Option<f64>,
     time_hours: Option<f64>,
+    allow_empty_output: bool,
     parameters: Option<Json<BTreeMap<String, Value>>>,
 }
 
@@ -151,7 +152,7 @@ impl Database {
             sqlx::query_as(
                 "SELECT s.id, s.pipeline_id, s.name, sw.name AS software, v.version, s.version_policy, \
                  s.group_by, s.cooldown_seconds, s.max_retries, s.cpu, s.memory_gb, s.time_hours, \
-                 c.parameters \
+                 s.allow_empty_output, c.parameters \
                  FROM reduction_step s JOIN reduction_software sw ON sw.id = s.reduction_software_id \
                  LEFT JOIN reduction_software_version v ON v.id = s.reduction_software_version_id \
                  LEFT JOIN reduction_step_config c ON c.reduction_step_id = s.id \
@@ -225,6 +226,7 @@ impl Database {
                             memory_gb: s.memory_gb,
                             time_hours: s.time_hours,
                             depends_on: depends.remove(&s.id).unwrap_or_default(),
+                            allow_empty_output: s.allow_empty_output,
                             config: s.parameters.clone().map(|p| p.0).unwrap_or_default(),
                         })
                         .collect(),
@@ -346,18 +348,20 @@ impl Database {
                         let step_id: i64 = sqlx::query_scalar(
                             "INSERT INTO reduction_step (pipeline_id, name, step_order, reduction_software_id, \
                              reduction_software_version_id, version_policy, group_by, cooldown_seconds, \
-                             max_retries, cpu, memory_gb, time_hours, created_at, updated_at) \
+                             max_retries, cpu, memory_gb, time_hours, created_at, updated_at, \
+                             allow_empty_output) \
                              VALUES ($1, $2, $3, (SELECT id FROM reduction_software WHERE name = $4), \
                              (SELECT v.id FROM reduction_software_version v JOIN reduction_software s \
                               ON s.id = v.reduction_software_id WHERE s.name = $4 AND v.version = $5), \
-                             $6, $7, $8, $9, $10, $11, $12, $13, $13) \
+                             $6, $7, $8, $9, $10, $11, $12, $13, $13, $14) \
                              ON CONFLICT (pipeline_id, name) DO UPDATE SET step_order = excluded.step_order, \
                              reduction_software_id = excluded.reduction_software_id, \
                              reduction_software_version_id = excluded.reduction_software_version_id, \
                              version_policy = excluded.version_policy, group_by = excluded.group_by, \
                              cooldown_seconds = excluded.cooldown_seconds, max_retries = excluded.max_retries, \
                              cpu = excluded.cpu, memory_gb = excluded.memory_gb, \
-                             time_hours = excluded.time_hours, updated_at = $13 \
+                             time_hours = excluded.time_hours, \
+                             allow_empty_output = excluded.allow_empty_output, updated_at = $13 \
                              RETURNING id",
                         )
                         .bind(pipeline_id)
@@ -373,6 +377,7 @@ impl Database {
                         .bind(s.memory_gb)
                         .bind(s.time_hours)
                         .bind(now)
+                        .bind(s.allow_empty_output)
                         .fetch_one(&mut *tx)
                         .await?;
                         ids.insert(&s.name, step_id);

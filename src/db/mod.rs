@@ -53,6 +53,10 @@ pub enum DbError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error(
+        "{target} has no deployment identity (table wfm_deployment): run `ccat-wfm db migrate`"
+    )]
+    NoDeployment { target: String },
     #[error("{what} failed: {source}")]
     Query {
         what: &'static str,
@@ -234,6 +238,32 @@ impl Database {
             &schema::tables(self.dialect()),
             &present,
         ))
+    }
+
+    /// This deployment's random identity, made once by `db migrate` (wfm_deployment).
+    /// Job tags carry it: a database re-created under the same name, or a second
+    /// deployment on the same server, gets another one.
+    pub async fn deployment_id(&self) -> Result<String, DbError> {
+        let id: Option<String> = on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT deployment_id FROM wfm_deployment")
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.message().contains("wfm_deployment") => {
+                DbError::NoDeployment {
+                    target: self.describe(),
+                }
+            }
+            _ => DbError::Query {
+                what: "reading the deployment identity",
+                source: e,
+            },
+        })?;
+        id.filter(|id| !id.is_empty())
+            .ok_or_else(|| DbError::NoDeployment {
+                target: self.describe(),
+            })
     }
 
     /// A description of the target for messages: kind and location, no secrets.

@@ -11,6 +11,8 @@ use super::{Database, DbError, on_pool};
 /// One hand-off to a Celery worker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Handoff {
+    /// The processing location whose managers and workers it is for (None: any).
+    pub processing_location_id: Option<i64>,
     /// Fixed when recorded, so a re-published message carries the same id.
     pub task_id: String,
     pub task_name: String,
@@ -35,8 +37,8 @@ pub struct OutboxRow {
 
 /// The statement recording one hand-off, run inside the caller's transaction.
 pub(crate) const INSERT: &str = "INSERT INTO celery_outbox \
-    (task_id, task_name, queue, priority, args, kwargs, created_at) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7)";
+    (task_id, task_name, queue, priority, args, kwargs, created_at, processing_location_id) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// Binds a hand-off to [`INSERT`] and executes it on `$conn`.
 macro_rules! insert_handoff {
@@ -49,6 +51,7 @@ macro_rules! insert_handoff {
             .bind(sqlx::types::Json(&$handoff.args))
             .bind(sqlx::types::Json(&$handoff.kwargs))
             .bind($now)
+            .bind($handoff.processing_location_id)
             .execute($conn)
     };
 }
@@ -71,14 +74,23 @@ impl Database {
         .map_err(DbError::query("recording hand-offs"))
     }
 
-    /// Hand-offs not yet published, oldest first.
-    pub async fn unpublished_handoffs(&self, limit: i64) -> Result<Vec<OutboxRow>, DbError> {
+    /// Hand-offs not yet published, oldest first: those of `location` and those recorded
+    /// without one (every hand-off when `location` is None).
+    pub async fn unpublished_handoffs(
+        &self,
+        limit: i64,
+        location: Option<i64>,
+    ) -> Result<Vec<OutboxRow>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
                 "SELECT id, task_id, task_name, queue, priority, args, kwargs, attempts \
-                 FROM celery_outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
+                 FROM celery_outbox WHERE published_at IS NULL \
+                   AND (CAST($2 AS BIGINT) IS NULL OR processing_location_id IS NULL \
+                        OR processing_location_id = $2) \
+                 ORDER BY id LIMIT $1",
             )
             .bind(limit)
+            .bind(location)
             .fetch_all(pool)
             .await
         })
@@ -126,10 +138,16 @@ impl Database {
         .map_err(DbError::query("recording a publish"))
     }
 
-    /// How many hand-offs wait to be published (the dispatch backlog).
-    pub async fn handoff_backlog(&self) -> Result<i64, DbError> {
+    /// How many hand-offs (of `location`, as in [`Self::unpublished_handoffs`]) wait to
+    /// be published: the dispatch backlog.
+    pub async fn handoff_backlog(&self, location: Option<i64>) -> Result<i64, DbError> {
         on_pool!(self, pool => {
-            sqlx::query_scalar("SELECT COUNT(*) FROM celery_outbox WHERE published_at IS NULL")
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM celery_outbox WHERE published_at IS NULL \
+                   AND (CAST($1 AS BIGINT) IS NULL OR processing_location_id IS NULL \
+                        OR processing_location_id = $1)",
+            )
+            .bind(location)
                 .fetch_one(pool)
                 .await
         })

@@ -127,6 +127,7 @@ pub const TABLES: &[Table] = &[
             "cpu",
             "memory_gb",
             "time_hours",
+            "allow_empty_output",
             "created_at",
             "updated_at",
             "change_mark",
@@ -273,7 +274,12 @@ pub const TABLES: &[Table] = &[
             "published_at",
             "attempts",
             "last_error",
+            "processing_location_id",
         ],
+    },
+    Table {
+        name: "wfm_deployment",
+        columns: &["singleton", "deployment_id", "created_at"],
     },
 ];
 

@@ -118,6 +118,10 @@ pub struct Step {
     pub time_hours: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<String>,
+    /// A final step's run that registers no product fails, unless this is set: for
+    /// software whose empty output is a result in itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_empty_output: bool,
     /// The step configuration (`ReductionStepConfig.parameters`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, Value>,

@@ -75,8 +75,20 @@ pub fn discover(layout: &RunLayout, final_step: bool) -> (Vec<Found>, Vec<String
     let mut missing = Vec::new();
     for (root, kind) in &roots {
         let shown = root.strip_prefix(&layout.root).unwrap_or(root).display();
-        // The roots are checked like what is below them: a job may have replaced one
-        // with a link to anywhere.
+        // Every directory from PIPELINE_BASE_DIR down to the root is checked like what
+        // is below it: a job may have replaced any of them with a link to anywhere.
+        match crate::workflow::outputs::first_link(layout.base(), root) {
+            Ok(Some(link)) => {
+                let link = link.strip_prefix(layout.base()).unwrap_or(&link).display();
+                problems.push(format!("{shown}: refused: {link} is a symbolic link"));
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                problems.push(format!("{shown}: cannot be checked: {e}"));
+                continue;
+            }
+        }
         match root.symlink_metadata() {
             Ok(meta) if meta.is_dir() => walk(&layout.root, root, kind, &mut found, &mut problems),
             Ok(_) => problems.push(format!("{shown}: refused: not a directory (a link?)")),
@@ -352,6 +364,42 @@ mod tests {
         assert!(found.is_empty(), "{found:?}");
         assert!(
             problems[0].contains("workspace/cal: refused"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_link_above_the_output_root_is_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        for kind in OUTPUT_KINDS {
+            std::fs::create_dir_all(elsewhere.join(kind)).unwrap();
+        }
+        std::fs::write(elsewhere.join("science/secret.fits"), b"s").unwrap();
+        // workspace/ (another step's and this one's) and output/ replaced by links.
+        let layout = RunLayout::new(dir.path(), "p", "all", "cal", 1, 1);
+        std::fs::create_dir_all(&layout.root).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, layout.workspace()).unwrap();
+        std::fs::create_dir_all(elsewhere.join("cal")).unwrap();
+        std::fs::write(elsewhere.join("cal/secret.dat"), b"s").unwrap();
+        let (found, problems) = discover(&layout, false);
+        assert!(found.is_empty(), "{found:?}");
+        assert!(
+            problems[0].contains("refused: p/all/workspace is a symbolic link"),
+            "{problems:?}"
+        );
+        std::os::unix::fs::symlink(&elsewhere, layout.output()).unwrap();
+        let (found, problems) = discover(&layout, true);
+        assert!(found.is_empty(), "{found:?}");
+        assert_eq!(problems.len(), OUTPUT_KINDS.len(), "{problems:?}");
+        // And the sub-group's own directory.
+        let moved = dir.path().join("moved");
+        std::fs::rename(&layout.root, &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, &layout.root).unwrap();
+        let (found, problems) = discover(&layout, true);
+        assert!(found.is_empty(), "{found:?}");
+        assert!(
+            problems[0].contains("p/all is a symbolic link"),
             "{problems:?}"
         );
     }

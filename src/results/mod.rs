@@ -75,6 +75,8 @@ pub struct ResultManager<B> {
     options: ResultOptions,
     /// Set in celery mode: collections are handed to workers and published by this.
     publisher: Option<tokio::sync::Mutex<crate::dispatch::Publisher>>,
+    /// The deployment's job tag prefix, read once (see [`crate::workflow::tag_prefix`]).
+    tag_prefix: tokio::sync::OnceCell<String>,
 }
 
 impl<B: Backend> ResultManager<B> {
@@ -84,7 +86,15 @@ impl<B: Backend> ResultManager<B> {
             backend,
             options,
             publisher: None,
+            tag_prefix: tokio::sync::OnceCell::new(),
         }
+    }
+
+    async fn tag_prefix(&self) -> Result<&str, DbError> {
+        self.tag_prefix
+            .get_or_try_init(|| crate::workflow::deployment_tag_prefix(&self.db))
+            .await
+            .map(String::as_str)
     }
 
     /// Hands collections to Celery workers through `publisher` instead of collecting.
@@ -97,7 +107,11 @@ impl<B: Backend> ResultManager<B> {
     /// one run if it still waits for collection.
     pub async fn collect_handed_off(&self, run_id: i64) -> Result<ResultReport, DbError> {
         let mut report = ResultReport::default();
-        if let Some(run) = self.db.collecting_run(run_id).await? {
+        if let Some(run) = self
+            .db
+            .collecting_run(run_id, self.options.processing_location_id)
+            .await?
+        {
             self.collect_one(&run, &mut report).await?;
         }
         Ok(report)
@@ -134,7 +148,12 @@ impl<B: Backend> ResultManager<B> {
                         self.options.processing_location_id,
                         now - self.options.handoff_timeout,
                         now,
-                        crate::dispatch::collect_run,
+                        |run_id| {
+                            crate::dispatch::collect_run(
+                                run_id,
+                                self.options.processing_location_id,
+                            )
+                        },
                     )
                     .await?;
                 if !again.is_empty() {
@@ -191,6 +210,47 @@ impl<B: Backend> ResultManager<B> {
                 problems.join("; ")
             )
         });
+        if collected.products.is_empty() && run.is_final && !run.allow_empty_output {
+            // The software exited 0 but left no product: its contract was not met.
+            let reason = format!(
+                "the final step registered no product{}",
+                note.as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            );
+            tracing::warn!(run_id = run.id, %reason, "run failed at collection");
+            let tail = crate::backend::read_tail(
+                &layout.attempt_dir().join(crate::backend::JOB_LOG),
+                LOG_TAIL_BYTES,
+            );
+            let metrics = RunMetrics {
+                exit_code: run.exit_code,
+                wall_time_seconds: run.wall_time_seconds,
+                cpu_hours: run.cpu_hours,
+                peak_memory_gb: run.peak_memory_gb,
+            };
+            let status = self
+                .db
+                .fail_run(
+                    run.id,
+                    "COLLECTING_RESULTS",
+                    None,
+                    &reason,
+                    &metrics,
+                    tail.as_deref(),
+                    self.options.retry_backoff,
+                    Utc::now(),
+                )
+                .await?;
+            if status.is_some() {
+                crate::metrics::count_runs(crate::metrics::RUNS_FAILED, &run.pipeline_name, 1);
+                report.failed += 1;
+                if status.as_deref() == Some("PENDING") {
+                    report.retried += 1;
+                }
+            }
+            return Ok(());
+        }
         let products: Vec<NewProduct<'_>> = collected
             .products
             .iter()
@@ -219,20 +279,46 @@ impl<B: Backend> ResultManager<B> {
 
     /// Cancellations, then the status of every active job.
     async fn track(&self, report: &mut ResultReport, now: DateTime<Utc>) -> Result<(), DbError> {
-        for job in self.db.cancelled_jobs(self.backend.name()).await? {
-            let job_ref = self.job_ref(&job);
+        for job in self
+            .db
+            .cancelled_jobs(self.backend.name(), self.options.processing_location_id)
+            .await?
+        {
+            let mut job_ref = self.job_ref(&job);
+            if job_ref.job_id.is_empty() {
+                // Cancelled after its submission was intended but before a job id was
+                // recorded: the submitter may have died right after submitting.
+                let tag =
+                    crate::workflow::job_tag(self.tag_prefix().await?, job.id, job.retry_count + 1);
+                match self.backend.find(&tag, &job_ref.attempt_dir).await {
+                    Ok(Some(job_id)) => job_ref.job_id = job_id,
+                    Ok(None) => {
+                        self.db.mark_cancel_done(job.id, now).await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(run_id = job.id, %tag, error = %e,
+                            "looking for the job of a cancelled run failed");
+                        report.errors.push(format!("run {}: {e}", job.id));
+                        continue;
+                    }
+                }
+            }
             // Best effort: a job that already ended cannot be cancelled, which is fine.
             if let Err(e) = self.backend.cancel(&job_ref).await {
-                tracing::warn!(run_id = job.id, job_id = %job.hpc_job_id, error = %e,
+                tracing::warn!(run_id = job.id, job_id = %job_ref.job_id, error = %e,
                     "cancelling the job of a cancelled run failed");
             } else {
-                tracing::info!(run_id = job.id, job_id = %job.hpc_job_id, "job cancelled");
+                tracing::info!(run_id = job.id, job_id = %job_ref.job_id, "job cancelled");
             }
             self.db.mark_cancel_done(job.id, now).await?;
             report.cancelled += 1;
         }
 
-        let jobs = self.db.active_jobs(self.backend.name()).await?;
+        let jobs = self
+            .db
+            .active_jobs(self.backend.name(), self.options.processing_location_id)
+            .await?;
         report.polled = jobs.len();
         if jobs.is_empty() {
             return Ok(());
@@ -258,7 +344,9 @@ impl<B: Backend> ResultManager<B> {
                 // so the output directory holds only registered products.
                 let out = self.layout(job).step_output(job.is_final);
                 let kept = job_ref.attempt_dir.join("left-output");
-                if let Err(e) = crate::workflow::outputs::move_leftovers(&out, &kept) {
+                if let Err(e) =
+                    crate::workflow::outputs::move_leftovers(&self.layout(job).root, &out, &kept)
+                {
                     tracing::warn!(run_id = job.id, error = %e, "a failed attempt's output not moved");
                 }
                 tracing::warn!(run_id = job.id, job_id = %job.hpc_job_id, %reason, "job failed");
@@ -266,6 +354,7 @@ impl<B: Backend> ResultManager<B> {
                     .fail_run(
                         job.id,
                         &job.status,
+                        None,
                         &reason,
                         &metrics,
                         tail.as_deref(),
@@ -289,7 +378,12 @@ impl<B: Backend> ResultManager<B> {
                             &metrics(&m),
                             self.publisher
                                 .is_some()
-                                .then(|| crate::dispatch::collect_run(job.id))
+                                .then(|| {
+                                    crate::dispatch::collect_run(
+                                        job.id,
+                                        self.options.processing_location_id,
+                                    )
+                                })
                                 .as_ref(),
                             now,
                         )

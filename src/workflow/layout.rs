@@ -100,6 +100,13 @@ impl RunLayout {
             attempt,
         }
     }
+    /// `PIPELINE_BASE_DIR`, two levels above the sub-group's directory.
+    pub fn base(&self) -> &Path {
+        self.root
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&self.root)
+    }
     pub fn input(&self) -> PathBuf {
         self.root.join("input").join(&self.step)
     }

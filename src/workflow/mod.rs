@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::Instrument;
 
-use crate::backend::{Backend, JobSpec};
+use crate::backend::{AttemptIdentity, Backend, JobRef, JobSpec};
 use crate::config::{Settings, StagingMode};
 use crate::db::runs::{ClaimLimits, ProductInput, RawInput, RunMetrics, RunWork};
 use crate::db::{Database, DbError};
@@ -72,6 +72,9 @@ pub struct WorkflowReport {
     pub submitted: usize,
     /// Jobs found by their tag after a crash and recorded, not submitted again.
     pub adopted: usize,
+    /// Jobs submitted while the lease was lost (cancelled or taken over meanwhile) and
+    /// therefore cancelled at once.
+    pub fenced: usize,
     pub failed: usize,
     /// Handed to Celery workers for submission (`DISPATCH_MODE=celery`).
     pub dispatched: usize,
@@ -109,6 +112,45 @@ enum Outcome {
     Dispatched,
     Adopted,
     LeaseLost,
+    /// Submitted, but the lease was lost meanwhile (a cancel, a takeover): the job was
+    /// cancelled at once.
+    Fenced,
+}
+
+/// How long the lease is extended when a submission is about to be made: longer than
+/// [`SUBMIT_TIMEOUT`], so no other instance takes the run over while the backend is
+/// called.
+const SUBMIT_WINDOW: chrono::Duration = chrono::Duration::seconds(300);
+/// The longest a submission is waited for (SLURM's own command timeout is 120 s).
+const SUBMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(240);
+
+/// This attempt's identity: the one its directory records for `tag`, or a new one. A
+/// directory that records another tag (another incarnation of the database, the same
+/// path) or none at all is set aside first, so that no record in it (a pid, an exit
+/// status, a log) is ever read as this attempt's.
+fn attempt_identity(attempt_dir: &Path, tag: &str) -> std::io::Result<AttemptIdentity> {
+    if let Some(identity) = AttemptIdentity::read(attempt_dir)
+        && identity.tag == tag
+    {
+        return Ok(identity);
+    }
+    if attempt_dir.exists() {
+        let stamp = Utc::now().format("%Y%m%dT%H%M%S%.f");
+        let name = attempt_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let aside = attempt_dir.with_file_name(format!("{name}.foreign-{stamp}"));
+        std::fs::rename(attempt_dir, &aside).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("setting {} aside: {e}", attempt_dir.display()),
+            )
+        })?;
+        tracing::warn!(from = %attempt_dir.display(), to = %aside.display(),
+            "an attempt directory not made for this job set aside");
+    }
+    Ok(AttemptIdentity::new(tag))
 }
 
 /// One workflow-manager instance.
@@ -119,9 +161,10 @@ pub struct WorkflowManager<B> {
     /// `host:pid:nonce`: unique per process, so a restart never mistakes itself for
     /// the instance that held a lease before.
     owner: String,
-    /// Starts every job tag: names the database, so deployments sharing a cluster never
+    /// Starts every job tag: carries the deployment id (read once from the database), so
+    /// deployments sharing a cluster, or a database re-created under the same name, never
     /// mistake each other's jobs for their own.
-    tag_prefix: String,
+    tag_prefix: tokio::sync::OnceCell<String>,
     /// Set in celery mode: submissions are handed to workers and published by this.
     publisher: Option<tokio::sync::Mutex<crate::dispatch::Publisher>>,
 }
@@ -130,13 +173,12 @@ impl<B: Backend> WorkflowManager<B> {
     pub fn new(db: Database, backend: B, options: WorkflowOptions) -> Self {
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         let nonce = uuid::Uuid::new_v4().simple().to_string();
-        let tag_prefix = tag_prefix(&db.describe());
         WorkflowManager {
             db,
             backend,
             options,
-            owner: format!("{host}:{}:{}", std::process::id(), &nonce[..8]),
-            tag_prefix,
+            owner: owner_name(&host, &nonce[..8]),
+            tag_prefix: tokio::sync::OnceCell::new(),
             publisher: None,
         }
     }
@@ -149,7 +191,7 @@ impl<B: Backend> WorkflowManager<B> {
         let nonce = NONCE.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_owned());
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         // The pid is read now: a forked child gets an owner of its own.
-        manager.owner = format!("{host}:{}:{nonce}", std::process::id());
+        manager.owner = owner_name(&host, nonce);
         manager
     }
 
@@ -164,8 +206,15 @@ impl<B: Backend> WorkflowManager<B> {
     }
 
     /// The tag of a run's attempt, as its job carries it.
-    pub fn job_tag(&self, run_id: i64, attempt: i32) -> String {
-        job_tag(&self.tag_prefix, run_id, attempt)
+    pub async fn job_tag(&self, run_id: i64, attempt: i32) -> Result<String, DbError> {
+        Ok(job_tag(self.tag_prefix().await?, run_id, attempt))
+    }
+
+    async fn tag_prefix(&self) -> Result<&str, DbError> {
+        self.tag_prefix
+            .get_or_try_init(|| deployment_tag_prefix(&self.db))
+            .await
+            .map(String::as_str)
     }
 
     pub fn backend(&self) -> &B {
@@ -222,7 +271,13 @@ impl<B: Backend> WorkflowManager<B> {
         let mut report = WorkflowReport::default();
         if !self
             .db
-            .take_dispatched_run(run_id, &self.owner, now + self.options.lease, now)
+            .take_dispatched_run(
+                run_id,
+                self.options.processing_location_id,
+                &self.owner,
+                now + self.options.lease,
+                now,
+            )
             .await?
         {
             // Submitted already, cancelled, or held by a live instance: nothing to do.
@@ -258,6 +313,13 @@ impl<B: Backend> WorkflowManager<B> {
                     .errors
                     .push(format!("run {}: lease lost to another instance", run.id));
             }
+            Ok(Outcome::Fenced) => {
+                report.fenced += 1;
+                report.errors.push(format!(
+                    "run {}: its lease was lost during the submission; the job was cancelled",
+                    run.id
+                ));
+            }
             Err(RunError::Fail(reason)) => {
                 tracing::warn!(%reason, "run failed before its job started");
                 let status = self
@@ -265,6 +327,7 @@ impl<B: Backend> WorkflowManager<B> {
                     .fail_run(
                         run.id,
                         "STAGING_DATA",
+                        Some(&self.owner),
                         &reason,
                         &RunMetrics::default(),
                         None,
@@ -294,6 +357,18 @@ impl<B: Backend> WorkflowManager<B> {
     /// move; what else is there to this attempt's `previous-output/`.
     async fn clear_output(&self, run: &RunWork, layout: &RunLayout) -> Result<(), RunError> {
         let out = layout.step_output(run.is_final);
+        let aside = layout.attempt_dir().join("previous-output");
+        // A link planted above or at the output directory is set aside first: neither
+        // products nor leftovers are ever moved through it.
+        if outputs::first_link(&layout.root, &out)
+            .map_err(|e| RunError::Transient(format!("checking the output directory: {e}")))?
+            .is_some()
+        {
+            outputs::move_leftovers(&layout.root, &out, &aside).map_err(|e| {
+                RunError::Transient(format!("setting aside a link in the output path: {e}"))
+            })?;
+            tracing::warn!("a symbolic link in the output directory's path set aside");
+        }
         let copies = self
             .db
             .earlier_product_copies(run.id, run.processing_location_id)
@@ -322,7 +397,7 @@ impl<B: Backend> WorkflowManager<B> {
                 }
             }
         }
-        let moved = outputs::move_leftovers(&out, &layout.attempt_dir().join("previous-output"))
+        let moved = outputs::move_leftovers(&layout.root, &out, &aside)
             .map_err(|e| RunError::Transient(format!("clearing the output directory: {e}")))?;
         if moved > 0 {
             tracing::warn!(
@@ -333,47 +408,45 @@ impl<B: Backend> WorkflowManager<B> {
         Ok(())
     }
 
-    /// Lease owners on this host whose process is gone: their runs are taken over at
-    /// once rather than when the lease expires.
+    /// Lease owners on this host and in this PID namespace whose process is gone: their
+    /// runs are taken over at once rather than when the lease expires. Containers that
+    /// share a host name but not a PID namespace never judge each other's pids.
     async fn dead_owners(&self) -> Result<Vec<String>, DbError> {
-        let host = self.owner.split(':').next().unwrap_or_default();
+        let Some(me) = OwnerName::parse(&self.owner) else {
+            return Ok(Vec::new());
+        };
         Ok(self
             .db
             .lease_owners(&self.owner)
             .await?
             .into_iter()
             .filter(|owner| {
-                let mut parts = owner.split(':');
-                parts.next() == Some(host)
-                    && parts
-                        .next()
-                        .and_then(|pid| pid.parse::<u32>().ok())
-                        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+                OwnerName::parse(owner).is_some_and(|o| {
+                    o.host == me.host
+                        && o.pid_namespace == me.pid_namespace
+                        && o.pid
+                            .parse::<u32>()
+                            .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+                })
             })
             .collect())
     }
 
     async fn advance(&self, run: &RunWork, now: DateTime<Utc>) -> Result<Outcome, RunError> {
-        let layout = RunLayout::new(
-            &self.options.pipeline_base_dir,
-            &run.pipeline_name,
-            &run.sub_group_key,
-            &run.step_name,
-            run.id,
-            run.attempt(),
-        );
-        let tag = job_tag(&self.tag_prefix, run.id, run.attempt());
+        let layout = run_layout(&self.options.pipeline_base_dir, run);
+        let tag = job_tag(self.tag_prefix().await?, run.id, run.attempt());
+        let attempt_dir = layout.attempt_dir();
         // An earlier holder recorded its intent and may have submitted before it died:
         // the backend is asked before anything is submitted again. The attempt's
         // directory (per run and attempt, made just before the intent is recorded) is
         // asked about too, so a submission is found even if the database lost the
-        // intent's commit in a crash.
-        if run.submitted_at.is_some() || layout.attempt_dir().exists() {
-            let found = self
-                .backend
-                .find(&tag, &layout.attempt_dir())
-                .await
-                .map_err(|e| RunError::Transient(format!("looking for job {tag} failed: {e}")))?;
+        // intent's commit in a crash. The backend adopts only a job whose identity
+        // matches the one recorded in that directory.
+        if run.submitted_at.is_some() || attempt_dir.exists() {
+            let found =
+                self.backend.find(&tag, &attempt_dir).await.map_err(|e| {
+                    RunError::Transient(format!("looking for job {tag} failed: {e}"))
+                })?;
             if let Some(job_id) = found {
                 tracing::warn!(%job_id, %tag, "adopting a job submitted before a crash");
                 return Ok(
@@ -395,7 +468,7 @@ impl<B: Backend> WorkflowManager<B> {
             return Ok(waiting);
         }
         if self.publisher.is_some() {
-            let handoff = crate::dispatch::submit_run(run.id);
+            let handoff = crate::dispatch::submit_run(run.id, location);
             let lease_until = now + self.options.lease;
             return Ok(
                 if self
@@ -410,21 +483,37 @@ impl<B: Backend> WorkflowManager<B> {
                 },
             );
         }
+        let identity = attempt_identity(&attempt_dir, &tag)
+            .map_err(|e| RunError::Transient(format!("the attempt directory: {e}")))?;
         let products = self.db.run_product_input_copies(run.id, location).await?;
-        let plan =
-            plan_job(&self.options, &tag, run, &raw, &products, now).map_err(RunError::Fail)?;
+        let plan = plan_job(&self.options, &identity, run, &raw, &products, now)
+            .map_err(RunError::Fail)?;
         self.clear_output(run, &plan.layout).await?;
         prepare(&plan.layout, run.is_final, &plan.inputs, &plan.manifest)
             .map_err(|e| RunError::Fail(format!("preparing the run directory: {e}")))?;
+        identity
+            .write(&attempt_dir)
+            .map_err(|e| RunError::Fail(format!("recording the attempt's identity: {e}")))?;
         let spec = plan.spec;
+        // The fence: the intent is recorded only while this instance's lease is still
+        // valid, and extends it over the longest a submission may take, so no other
+        // instance takes the run over while the backend is being called.
         if !self
             .db
-            .record_submit_intent(run.id, &self.owner, now)
+            .record_submit_intent(run.id, &self.owner, SUBMIT_WINDOW, now)
             .await?
         {
             return Ok(Outcome::LeaseLost);
         }
-        let job_id = self.backend.submit(&spec).await.map_err(|e| {
+        let submitted = tokio::time::timeout(SUBMIT_TIMEOUT, self.backend.submit(&spec))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::backend::BackendError::Timeout {
+                    command: format!("submitting to {}", self.backend.name()),
+                    seconds: SUBMIT_TIMEOUT.as_secs(),
+                })
+            });
+        let job_id = submitted.map_err(|e| {
             let reason = format!("submission to {} failed: {e}", self.backend.name());
             // With the intent recorded, an unclear outcome is settled next cycle by
             // looking the job up by its tag.
@@ -440,9 +529,27 @@ impl<B: Backend> WorkflowManager<B> {
             .record_submitted(run.id, &self.owner, &job_id, Utc::now())
             .await?
         {
-            Ok(Outcome::Submitted)
-        } else {
-            Ok(Outcome::LeaseLost)
+            return Ok(Outcome::Submitted);
+        }
+        // The run was cancelled, or taken over, while the backend was called: the job
+        // must not run on unseen. Unless the run records this very job (adopted by the
+        // instance that took it over), it is cancelled now.
+        let job = JobRef {
+            job_id: job_id.clone(),
+            attempt_dir,
+        };
+        if self.db.run_job_id(run.id).await?.as_deref() == Some(job_id.as_str()) {
+            return Ok(Outcome::LeaseLost);
+        }
+        metrics::count_fenced_job();
+        match self.backend.cancel(&job).await {
+            Ok(()) => {
+                tracing::warn!(%job_id, %tag, "job submitted under a lost lease cancelled");
+                Ok(Outcome::Fenced)
+            }
+            Err(e) => Err(RunError::Transient(format!(
+                "job {job_id} was submitted under a lost lease and could not be cancelled: {e}"
+            ))),
         }
     }
 
@@ -567,7 +674,7 @@ fn confined(package: &RawInput) -> Result<(), String> {
 
 pub fn plan_job(
     options: &WorkflowOptions,
-    tag: &str,
+    identity: &AttemptIdentity,
     run: &RunWork,
     raw: &[RawInput],
     products: &[ProductInput],
@@ -579,14 +686,7 @@ pub fn plan_job(
             run.software_name, run.software_version
         )
     })?;
-    let layout = RunLayout::new(
-        &options.pipeline_base_dir,
-        &run.pipeline_name,
-        &run.sub_group_key,
-        &run.step_name,
-        run.id,
-        run.attempt(),
-    );
+    let layout = run_layout(&options.pipeline_base_dir, run);
     let mut inputs = Vec::with_capacity(raw.len() + products.len());
     let mut manifest_inputs = Vec::with_capacity(raw.len());
     let visible = command::visible_dirs(options.runtime, &layout, run.is_final);
@@ -690,7 +790,8 @@ pub fn plan_job(
     })
     .map_err(|e| format!("{} {}: {e}", run.software_name, run.software_version))?;
     let spec = JobSpec {
-        tag: tag.to_owned(),
+        tag: identity.tag.clone(),
+        nonce: identity.nonce.clone(),
         command: job_command,
         attempt_dir: layout.attempt_dir(),
         cpus: run.cpu.clamp(1, 100_000) as u32,
@@ -724,15 +825,72 @@ pub async fn preview_job(
     let products = db
         .run_product_input_copies(run.id, run.processing_location_id)
         .await?;
-    let tag = job_tag(&tag_prefix(&db.describe()), run.id, run.attempt());
+    let tag = job_tag(&deployment_tag_prefix(db).await?, run.id, run.attempt());
+    let identity =
+        AttemptIdentity::read(&run_layout(&options.pipeline_base_dir, &run).attempt_dir())
+            .filter(|id| id.tag == tag)
+            .unwrap_or_else(|| AttemptIdentity::new(&tag));
     Ok(Some(plan_job(
         options,
-        &tag,
+        &identity,
         &run,
         &raw,
         &products,
         Utc::now(),
     )))
+}
+
+/// A lease owner's name, `host:pid-namespace:pid:nonce`: unique per process, and enough
+/// to tell, on the same host and in the same PID namespace, that its process is gone.
+fn owner_name(host: &str, nonce: &str) -> String {
+    format!("{host}:{}:{}:{nonce}", pid_namespace(), std::process::id())
+}
+
+/// The inode of this process's PID namespace (`/proc/self/ns/pid` → `pid:[4026531836]`),
+/// or 0 where it cannot be read.
+fn pid_namespace() -> u64 {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|link| {
+            let text = link.to_string_lossy().into_owned();
+            text.trim_start_matches("pid:[")
+                .trim_end_matches(']')
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The parts of an [`owner_name`]; None for other holders (a Celery hand-off).
+struct OwnerName<'a> {
+    host: &'a str,
+    pid_namespace: &'a str,
+    pid: &'a str,
+}
+
+impl<'a> OwnerName<'a> {
+    fn parse(owner: &'a str) -> Option<Self> {
+        let mut parts = owner.split(':');
+        let (host, pid_namespace, pid, _nonce) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        (parts.next().is_none() && pid_namespace != "0").then_some(OwnerName {
+            host,
+            pid_namespace,
+            pid,
+        })
+    }
+}
+
+/// Where a run's current attempt lives.
+fn run_layout(base: &Path, run: &RunWork) -> RunLayout {
+    RunLayout::new(
+        base,
+        &run.pipeline_name,
+        &run.sub_group_key,
+        &run.step_name,
+        run.id,
+        run.attempt(),
+    )
 }
 
 /// The tag a job carries (SLURM job name and comment), findable after a crash:
@@ -741,13 +899,21 @@ pub fn job_tag(prefix: &str, run_id: i64, attempt: i32) -> String {
     format!("{prefix}-run-{run_id}-a{attempt}")
 }
 
-/// `ccat-` and 8 hex digits of the database's identity (kind, host, port, name; never a
-/// password): the same for every manager of one deployment, different between two.
-pub fn tag_prefix(database: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(database.as_bytes());
-    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
-    format!("ccat-{hex}")
+/// `ccat-` and the first 12 characters of the deployment id (random per database, see
+/// [`Database::deployment_id`]): the same for every manager of one deployment, different
+/// between two, and between two incarnations of a database of the same name.
+pub fn tag_prefix(deployment_id: &str) -> String {
+    let id: String = deployment_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(12)
+        .collect();
+    format!("ccat-{}", id.to_ascii_lowercase())
+}
+
+/// The tag prefix of the deployment `db` belongs to.
+pub async fn deployment_tag_prefix(db: &Database) -> Result<String, DbError> {
+    Ok(tag_prefix(&db.deployment_id().await?))
 }
 
 fn file_name(path: &str) -> String {

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn with_path(path: &Path) -> impl FnOnce(io::Error) -> io::Error + '_ {
     move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
@@ -35,9 +35,46 @@ pub fn move_product(from: &Path, to: &Path) -> io::Result<bool> {
     Ok(to.symlink_metadata().is_ok())
 }
 
+/// The first symbolic link among the components of `path` below `root` (`path` itself
+/// included, `root` not). A job may replace any directory it can write with a link to
+/// anywhere; no path through one is ever read or written by the managers.
+pub fn first_link(root: &Path, path: &Path) -> io::Result<Option<PathBuf>> {
+    let Ok(rest) = path.strip_prefix(root) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not below {}", path.display(), root.display()),
+        ));
+    };
+    let mut current = root.to_path_buf();
+    for component in rest.components() {
+        current.push(component);
+        match current.symlink_metadata() {
+            Ok(meta) if meta.file_type().is_symlink() => return Ok(Some(current)),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(with_path(&current)(e)),
+        }
+    }
+    Ok(None)
+}
+
 /// Moves every entry of `dir` that holds anything into `dest` (created when needed);
 /// empty directories stay. Returns how many entries were moved.
-pub fn move_leftovers(dir: &Path, dest: &Path) -> io::Result<usize> {
+///
+/// A link at `dir` or at any of its components below `root` is itself what is moved
+/// (the link, never what it points to), so nothing is renamed through it.
+pub fn move_leftovers(root: &Path, dir: &Path, dest: &Path) -> io::Result<usize> {
+    if let Some(link) = first_link(root, dir)? {
+        create_dirs(dest)?;
+        let name = link
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        let mut target = dest.join(&name);
+        target.as_mut_os_string().push(".link");
+        std::fs::rename(&link, &target).map_err(with_path(&link))?;
+        return Ok(1);
+    }
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
@@ -103,7 +140,7 @@ mod tests {
         let dest = dir
             .path()
             .join("config/map/run-1/attempt-2/previous-output");
-        assert_eq!(move_leftovers(&out, &dest).unwrap(), 2);
+        assert_eq!(move_leftovers(dir.path(), &out, &dest).unwrap(), 2);
         assert_eq!(
             std::fs::read(dest.join("science/partial.fits")).unwrap(),
             b"half"
@@ -111,7 +148,39 @@ mod tests {
         assert!(dest.join("stray.txt").is_file());
         assert!(out.join("qa").is_dir() && out.join("plots/deep/er").is_dir());
         assert!(!out.join("science").exists());
-        assert_eq!(move_leftovers(&out, &dest).unwrap(), 0);
-        assert_eq!(move_leftovers(&dir.path().join("none"), &dest).unwrap(), 0);
+        assert_eq!(move_leftovers(dir.path(), &out, &dest).unwrap(), 0);
+        assert_eq!(
+            move_leftovers(dir.path(), &dir.path().join("none"), &dest).unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_link_above_the_output_is_moved_itself_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("cal")).unwrap();
+        std::fs::write(elsewhere.join("cal/precious.fits"), b"keep").unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        // The job replaced workspace/ (above its step's directory) with a link.
+        std::os::unix::fs::symlink(&elsewhere, run.join("workspace")).unwrap();
+        let out = run.join("workspace/cal");
+        assert_eq!(first_link(&run, &out).unwrap(), Some(run.join("workspace")));
+        let dest = run.join("config/cal/run-1/attempt-2/previous-output");
+        assert_eq!(move_leftovers(&run, &out, &dest).unwrap(), 1);
+        assert_eq!(
+            std::fs::read(elsewhere.join("cal/precious.fits")).unwrap(),
+            b"keep",
+            "nothing moved through the link"
+        );
+        assert!(
+            dest.join("workspace.link")
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(first_link(&run, &out).unwrap(), None);
     }
 }
