@@ -197,8 +197,17 @@ impl<B: Backend> ResultManager<B> {
             run.id,
             run.retry_count + 1,
         );
-        let (found, mut problems) = collect::discover(&layout, run.is_final);
-        let collected = collect::checksum_all(found, parallelism).await;
+        // Checksumming terabytes takes a while: the run is marked alive meanwhile, so its
+        // hand-off is not given to a second worker (`redispatch_stale_collections`).
+        let every = (self.options.handoff_timeout / 3)
+            .to_std()
+            .unwrap_or_default()
+            .max(std::time::Duration::from_millis(50));
+        let (collected, mut problems) = while_renewing(&self.db, run.id, every, async {
+            let (found, problems) = collect::discover(&layout, run.is_final);
+            (collect::checksum_all(found, parallelism).await, problems)
+        })
+        .await;
         problems.extend(collected.problems);
         for problem in &problems {
             tracing::warn!(run_id = run.id, %problem, "output not collected as it is");
@@ -416,6 +425,29 @@ impl<B: Backend> ResultManager<B> {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs `work` (a run's collection) while marking the run alive every `every`, from the
+/// start: a collection that outlasts the hand-off timeout is not handed off again.
+pub async fn while_renewing<T>(
+    db: &Database,
+    run_id: i64,
+    every: std::time::Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticks.tick() => {
+                if let Err(e) = db.renew_collection(run_id, Utc::now()).await {
+                    tracing::warn!(run_id, error = %e, "a collection's lease not renewed");
+                }
+            }
+        }
     }
 }
 

@@ -95,6 +95,13 @@ pub async fn setup_site(db: &Database, pipeline: &str, dir: Option<&Path>) -> Si
         None => tempfile::tempdir().unwrap(),
     };
     let site = Site { dir };
+    load_site(db, &site, pipeline).await;
+    site
+}
+
+/// The archive, the pipeline and the packages' files of `site` into `db` (a database
+/// re-created for a site that exists).
+pub async fn load_site(db: &Database, site: &Site, pipeline: &str) {
     exec(db, ARCHIVE).await.unwrap();
     exec(db, pipeline).await.unwrap();
     std::fs::create_dir_all(site.archive()).unwrap();
@@ -109,7 +116,6 @@ pub async fn setup_site(db: &Database, pipeline: &str, dir: Option<&Path>) -> Si
         ));
     }
     exec(db, &sql).await.unwrap();
-    site
 }
 
 /// One trigger cycle creating the runs of every gap; returns the number created.

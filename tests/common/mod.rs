@@ -12,6 +12,7 @@ use ccat_workflow_manager::db::Database;
 use sqlx::Connection;
 
 pub mod lifecycle;
+pub mod slurm;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -103,6 +104,34 @@ impl TestDatabase {
             cleanup: Cleanup::DropPostgres { admin_url, name },
             _dir: None,
         }
+    }
+
+    /// Drops the database and creates an empty one under the same name (the same URL),
+    /// as an operator re-creating ops-db would.
+    pub async fn recreate(&mut self) {
+        self.db.close().await;
+        match &self.cleanup {
+            Cleanup::DropPostgres { admin_url, name } => {
+                let mut admin = sqlx::PgConnection::connect(admin_url).await.unwrap();
+                for sql in [
+                    format!("DROP DATABASE \"{name}\" WITH (FORCE)"),
+                    format!("CREATE DATABASE \"{name}\""),
+                ] {
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut admin)
+                        .await
+                        .unwrap();
+                }
+                admin.close().await.ok();
+            }
+            Cleanup::Nothing => {
+                let path = self.url.trim_start_matches("sqlite://").to_owned();
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{path}{suffix}"));
+                }
+            }
+        }
+        self.db = Database::connect_url(&self.url).await.unwrap();
     }
 
     /// Both kinds, SQLite first: the body of a test runs once on each.

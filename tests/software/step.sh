@@ -6,6 +6,7 @@
 #   fail          print a reason and exit 3
 #   sleep N       sleep N seconds first (time limits, cancellation)
 #   echo-args ... write the remaining arguments, one per line, to args.txt (quoting tests)
+#   empty         write nothing and exit 0 (a step that did not honour its contract)
 #   hostile      also leave a link out of the run directory and a corrupt metrics file
 #   big N        also write an N MiB science product (collection of large files)
 set -eu
@@ -19,6 +20,7 @@ done
 case $mode in
   fail) echo "step failing on purpose" >&2; exit 3 ;;
   sleep) sleep "${1:-600}" ;;
+  empty) echo "writing nothing"; exit 0 ;;
   echo-args) printf '%s\n' "$@" > "$WORKFLOW_OUTPUT_DIR/args.txt" ;;
 esac
 echo "run $WORKFLOW_RUN_ID attempt $WORKFLOW_ATTEMPT of step $WORKFLOW_STEP"

@@ -88,6 +88,22 @@ impl Database {
         .map_err(DbError::query("reading a run to collect"))
     }
 
+    /// Marks a collection in progress alive (its hand-off is not stale).
+    pub async fn renew_collection(&self, run_id: i64, now: DateTime<Utc>) -> Result<(), DbError> {
+        on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE executed_reduction_step SET updated_at = $2 \
+                 WHERE id = $1 AND status = 'COLLECTING_RESULTS'",
+            )
+            .bind(run_id)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })
+        .map_err(DbError::query("renewing a collection"))
+    }
+
     /// Registers a run's products and their copies at `location` and completes the run,
     /// in one transaction: a crash leaves nothing half-registered, and a run another
     /// collector completed first is left alone (false).
