@@ -217,7 +217,9 @@ SlurmdParameters=config_overrides
 DefMemPerCPU=100
 MpiDefault=none
 ReturnToService=2
-MinJobAge=600
+# SLURM's default: the controller forgets a finished job after five minutes, and the
+# managers must not depend on it remembering longer.
+MinJobAge=300
 MaxJobCount=50000
 KillWait=5
 InactiveLimit=0

@@ -11,9 +11,12 @@ system is left to settle, and the invariants are checked:
 
 - every sub-group is processed for its final fingerprint: no gap remains, and the run of
   that fingerprint is COMPLETED, or FAILED with a reason;
-- no run was created twice (same step, sub-group and fingerprint);
-- no job ran twice: no (run, attempt) started twice, per the jobs' own ledger;
-- no product was registered twice, and none is without lineage;
+- no two runs of one step and sub-group were ever in flight at once: not in the database
+  (sampled throughout), and not as jobs (the jobs' own ledger of start and end times);
+- no attempt had two backend jobs, per the backend's own records sampled throughout (the
+  job names `squeue` shows on SLURM, the job wrappers' processes of the local backend),
+  and no attempt started twice, per the jobs' own ledger;
+- no product was registered twice or by two runs, and none is without lineage;
 - every registered product's file is where it was registered, with its checksum;
 - no file is left in a run directory that is not a registered product, a log or the
   layout's own bookkeeping.
@@ -316,6 +319,59 @@ class FaultDriver(threading.Thread):
         return True
 
 
+class Watcher(threading.Thread):
+    """Samples, throughout the soak, what the final state no longer shows: runs of one step
+    and sub-group in flight together (the database), and the jobs each attempt has (the
+    backend's own records: SLURM job names, or the local job wrappers' processes)."""
+
+    def __init__(self, soak: "Soak", every: float = 0.5):
+        super().__init__(daemon=True)
+        self.soak, self.every = soak, every
+        self.stopping = threading.Event()
+        self.samples = 0
+        self.in_flight_together: set[str] = set()
+        # attempt (SLURM job name, or local attempt directory) -> backend job ids seen
+        self.jobs: dict[str, set[str]] = collections.defaultdict(set)
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.every):
+            try:
+                self.sample()
+                self.samples += 1
+            except (psycopg.Error, OSError, subprocess.SubprocessError):
+                pass  # PostgreSQL restarting, a process gone mid-read: the next sample
+
+    def sample(self) -> None:
+        with connect(self.soak.services.postgres_url, attempts=1) as db:
+            for step, key, runs in db.execute(
+                "SELECT reduction_step_id, sub_group_key, array_agg(id ORDER BY id) "
+                "FROM executed_reduction_step WHERE status = ANY(%s) "
+                "GROUP BY 1, 2 HAVING COUNT(*) > 1",
+                (list(ACTIVE[1:]),),
+            ):
+                self.in_flight_together.add(f"step {step} sub-group {key}: runs {runs}")
+        if self.soak.args.backend == "slurm":
+            out = subprocess.run(
+                ["squeue", "--noheader", "--me", "--states=all", "--format=%i|%j"],
+                env=self.soak.env, capture_output=True, text=True, timeout=30,
+            ).stdout
+            for line in out.splitlines():
+                job, _, name = line.strip().partition("|")
+                if name.startswith("ccat-"):
+                    self.jobs[name].add(job)
+        else:
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"job-wrapper" in argv and b"--dir" in argv:
+                    attempt = argv[argv.index(b"--dir") + 1].decode(errors="replace")
+                    self.jobs[attempt].add(pid)
+
+
 class Soak:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -468,9 +524,11 @@ class Soak:
         feeder = Feeder(self.services.postgres_url, self.work, self.args.sources, self.args.packages,
                         self.args.stream_seconds)
         driver = FaultDriver(self, self.args.fault_every)
+        self.watcher = Watcher(self)
         started = time.monotonic()
         feeder.start()
         driver.start()
+        self.watcher.start()
         while feeder.is_alive():
             feeder.join(timeout=15)
             log(f"{feeder.added}/{self.args.packages} packages in; faults so far: {dict(driver.faults.counts)}")
@@ -481,19 +539,22 @@ class Soak:
         log("stream done, faults stopped; settling")
         settled = self.settle()
         elapsed = time.monotonic() - started
+        self.watcher.stopping.set()
+        self.watcher.join()
         for p in self.processes:
             p.stop()
-        violations = check(self.services.postgres_url, self.work, self.ledger)
+        violations = check(self.services.postgres_url, self.work, self.ledger, self.watcher)
         if not settled:
             violations.insert(0, f"not settled within {self.args.settle_timeout} s: gaps {self.gaps()[:5]}")
-        report(self.services.postgres_url, self.ledger, feeder, driver.faults, self.processes, violations, elapsed)
+        report(self.services.postgres_url, self.ledger, feeder, driver.faults, self.processes, violations, elapsed,
+               self.watcher)
         return 1 if violations else 0
 
 
 # --- the invariants ---------------------------------------------------------------------
 
 
-def check(url: str, work: Path, ledger: Path) -> list[str]:
+def check(url: str, work: Path, ledger: Path, watcher: Watcher) -> list[str]:
     v: list[str] = []
     with connect(url) as db:
         q = db.execute
@@ -504,12 +565,15 @@ def check(url: str, work: Path, ledger: Path) -> list[str]:
             "AND NOT (r.status = 'COMPLETED' OR (r.status = 'FAILED' AND COALESCE(r.error_message, '') <> ''))"
         ):
             v.append(f"{step} {key}: its latest run is {status}, not COMPLETED or FAILED with a reason")
-        for row in q("SELECT reduction_step_id, sub_group_key, fingerprint, COUNT(*) FROM executed_reduction_step "
-                     "GROUP BY 1, 2, 3 HAVING COUNT(*) > 1"):
-            v.append(f"run created twice: {row}")
+        sub_group = {run: (step, key) for run, step, key in
+                     q("SELECT id, reduction_step_id, sub_group_key FROM executed_reduction_step")}
         for row in q("SELECT full_path, COUNT(*) FROM physical_copy WHERE data_product_id IS NOT NULL "
                      "GROUP BY 1 HAVING COUNT(*) > 1"):
             v.append(f"product registered twice at {row[0]} ({row[1]} times)")
+        for path, runs in q("SELECT c.full_path, array_agg(DISTINCT p.executed_reduction_step_id) "
+                            "FROM physical_copy c JOIN data_product p ON p.id = c.data_product_id "
+                            "GROUP BY 1 HAVING COUNT(DISTINCT p.executed_reduction_step_id) > 1"):
+            v.append(f"product at {path} registered by runs {runs}")
         for row in q("SELECT p.id, p.relative_path FROM data_product p WHERE "
                      "NOT EXISTS (SELECT 1 FROM executed_reduction_step_raw_input i "
                      "            WHERE i.executed_reduction_step_id = p.executed_reduction_step_id) AND "
@@ -541,14 +605,37 @@ def check(url: str, work: Path, ledger: Path) -> list[str]:
         if str(path) in registered or str(path).removesuffix(".metrics.json") in registered:
             continue
         v.append(f"file in a run directory that is no registered product: {path}")
-    starts = collections.Counter(tuple(line.split()[:2]) for line in ledger.read_text().splitlines() if line)
+    # The jobs' own ledger: no attempt started twice; no two runs of one step and
+    # sub-group ran at once (attempts killed before their end line are left out).
+    entries = [line.split() for line in ledger.read_text().splitlines() if line]
+    starts = collections.Counter((e[0], e[1]) for e in entries if e[3] == "start")
     for (run, attempt), n in starts.items():
         if n > 1:
             v.append(f"run {run} attempt {attempt} started {n} times")
+    spans: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for run, attempt, _step, what, at in entries:
+        spans[(run, attempt)].append(float(at))
+    by_group: dict[tuple, list[tuple[float, float, str]]] = collections.defaultdict(list)
+    for (run, attempt), times in spans.items():
+        if len(times) == 2 and int(run) in sub_group:
+            by_group[sub_group[int(run)]].append((min(times), max(times), f"run {run} attempt {attempt}"))
+    for group, jobs in by_group.items():
+        jobs.sort()
+        for (s1, e1, a), (s2, e2, b) in zip(jobs, jobs[1:]):
+            if s2 < e1 and a.split()[1] != b.split()[1]:
+                v.append(f"step {group[0]} sub-group {group[1]}: {a} and {b} ran at the same time")
+    # What was sampled while the soak ran.
+    for line in sorted(watcher.in_flight_together):
+        v.append(f"runs in flight at once: {line}")
+    for attempt, jobs in sorted(watcher.jobs.items()):
+        if len(jobs) > 1:
+            v.append(f"attempt {attempt} had {len(jobs)} backend jobs: {sorted(jobs)}")
+    if watcher.samples == 0:
+        v.append("the watcher took no sample")
     return v
 
 
-def report(url, ledger, feeder, faults, processes, violations, elapsed) -> None:
+def report(url, ledger, feeder, faults, processes, violations, elapsed, watcher) -> None:
     with connect(url) as db:
         states = dict(db.execute("SELECT status, COUNT(*) FROM executed_reduction_step GROUP BY 1").fetchall())
         per_step = db.execute(
@@ -557,7 +644,7 @@ def report(url, ledger, feeder, faults, processes, violations, elapsed) -> None:
         retries = db.execute("SELECT COALESCE(SUM(retry_count), 0) FROM executed_reduction_step").fetchone()[0]
         products = db.execute("SELECT COUNT(*) FROM data_product").fetchone()[0]
         outbox = db.execute("SELECT COUNT(*) FROM celery_outbox").fetchone()[0]
-    jobs = sum(1 for line in ledger.read_text().splitlines() if line)
+    jobs = sum(1 for line in ledger.read_text().splitlines() if line.split()[3:4] == ["start"])
     print()
     print("=== soak: closing figures ===")
     print(f"elapsed                     {elapsed:.0f} s")
@@ -570,6 +657,8 @@ def report(url, ledger, feeder, faults, processes, violations, elapsed) -> None:
     print("runs per step               " + ", ".join(f"{k} {n}" for k, n in per_step))
     print(f"retries                     {retries}")
     print(f"job starts (ledger)         {jobs}")
+    print(f"backend jobs seen           {sum(len(j) for j in watcher.jobs.values())} "
+          f"for {len(watcher.jobs)} attempts, in {watcher.samples} samples")
     print(f"products registered         {products}")
     print(f"Celery hand-offs            {outbox}")
     print(f"invariant violations        {len(violations)}")

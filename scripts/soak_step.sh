@@ -1,14 +1,18 @@
 #!/bin/sh
 # The reduction software of the soak test (scripts/soak.py), following the container
-# contract (docs/manifest.md). It notes that it started in a ledger shared by every job
-# (one short O_APPEND write: lines never interleave), so the soak can prove that no attempt
-# ran twice, then writes its products in two halves with a pause between them, so a job
-# killed by the fault driver leaves a partial file behind as a real one would.
+# contract (docs/manifest.md). It notes when it starts and ends in a ledger shared by every
+# job (one short O_APPEND write each: lines never interleave), so the soak can prove that
+# no attempt ran twice and no two runs of one step and sub-group ran at once, then writes
+# its products in two halves with a pause between them, so a job killed by the fault
+# driver leaves a partial file behind as a real one would.
 #   soak_step.sh LEDGER
 set -eu
 ledger=$1
 test -r "$WORKFLOW_MANIFEST" || { echo "no manifest at $WORKFLOW_MANIFEST" >&2; exit 2; }
-printf '%s %s %s\n' "$WORKFLOW_RUN_ID" "$WORKFLOW_ATTEMPT" "$WORKFLOW_STEP" >>"$ledger"
+note() {
+  printf '%s %s %s %s %s\n' "$WORKFLOW_RUN_ID" "$WORKFLOW_ATTEMPT" "$WORKFLOW_STEP" "$1" "$(date +%s.%N)" >>"$ledger"
+}
+note start
 pause() {
   # 0.2 to 1.0 s.
   n=$(od -An -N1 -tu1 /dev/urandom | tr -d ' ')
@@ -28,3 +32,4 @@ else
   write_in_halves "$WORKFLOW_OUTPUT_DIR/result.dat"
 fi
 pause
+note end

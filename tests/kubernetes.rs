@@ -304,6 +304,18 @@ mod api_server {
         (StatusCode::CREATED, axum::Json(job)).into_response()
     }
 
+    async fn get_job(
+        State(c): State<Shared>,
+        Path((_ns, name)): Path<(String, String)>,
+    ) -> Response {
+        let mut c = c.lock().unwrap();
+        c.requests.push(format!("GET /jobs/{name}"));
+        match c.jobs.get(&name) {
+            Some(job) => axum::Json(job.clone()).into_response(),
+            None => status(404, "NotFound", &format!("jobs.batch \"{name}\" not found")),
+        }
+    }
+
     async fn delete_job(
         State(c): State<Shared>,
         Path((_ns, name)): Path<(String, String)>,
@@ -350,7 +362,7 @@ mod api_server {
             )
             .route(
                 "/apis/batch/v1/namespaces/{ns}/jobs/{name}",
-                axum::routing::delete(delete_job),
+                get(get_job).delete(delete_job),
             )
             .route("/api/v1/namespaces/{ns}/pods", get(pods))
             .route("/api/v1/namespaces/{ns}/pods/{name}/log", get(log))
@@ -433,13 +445,41 @@ async fn the_client_creates_follows_reconciles_and_deletes_jobs() {
     assert_eq!(stored["metadata"]["labels"], expected["metadata"]["labels"]);
 
     // A manager that died before recording the Job finds it by its labels, and a second
-    // submission of the same attempt adopts it instead of creating another.
+    // submission of the same attempt adopts it instead of creating another — only with
+    // the attempt's identity: a Job of the same name made for another attempt (another
+    // incarnation of the database) is neither found nor adopted.
+    assert_eq!(
+        backend.find(&spec.tag, &spec.attempt_dir).await.unwrap(),
+        None,
+        "no identity recorded for this attempt"
+    );
+    ccat_workflow_manager::backend::AttemptIdentity {
+        tag: spec.tag.clone(),
+        nonce: spec.nonce.clone(),
+    }
+    .write(&spec.attempt_dir)
+    .unwrap();
     assert_eq!(
         backend.find(&spec.tag, &spec.attempt_dir).await.unwrap(),
         Some(spec.tag.clone())
     );
     assert_eq!(backend.submit(&spec).await.unwrap(), spec.tag);
     assert_eq!(cluster.lock().unwrap().jobs.len(), 1);
+    let mut foreign = spec.clone();
+    foreign.nonce = "n0".into();
+    let refused = backend.submit(&foreign).await.unwrap_err();
+    assert!(refused.is_refusal(), "{refused}");
+    assert!(refused.to_string().contains("not made for this attempt"), "{refused}");
+    let mut foreign_dir = spec.attempt_dir.clone();
+    foreign_dir.set_extension("other");
+    std::fs::create_dir_all(&foreign_dir).unwrap();
+    ccat_workflow_manager::backend::AttemptIdentity {
+        tag: spec.tag.clone(),
+        nonce: "n0".into(),
+    }
+    .write(&foreign_dir)
+    .unwrap();
+    assert_eq!(backend.find(&spec.tag, &foreign_dir).await.unwrap(), None);
     let other_attempt = spec.tag.replace("-a1", "-a2");
     assert_eq!(
         backend

@@ -3,7 +3,9 @@
 //!
 //! The Job's name is the attempt's tag and it carries the run id and attempt as labels,
 //! so that a manager that crashed between creating a Job and recording it finds the Job
-//! again instead of creating a second one. Retries are ours (`backoffLimit: 0`); the time
+//! again instead of creating a second one; the tag carries the deployment id and the Job
+//! the attempt's token (an annotation), so only this attempt's own Job is ever adopted.
+//! Retries are ours (`backoffLimit: 0`); the time
 //! limit is `activeDeadlineSeconds`; a finished Job is removed by the TTL controller.
 
 use std::collections::BTreeMap;
@@ -23,6 +25,9 @@ use super::{BackendError, JobMetrics, JobSpec, JobState};
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "ccat-workflow-manager");
 pub const RUN_ID_LABEL: &str = "workflows.ccat.uni-koeln.de/run-id";
 pub const ATTEMPT_LABEL: &str = "workflows.ccat.uni-koeln.de/attempt";
+/// Annotation carrying the attempt's token (`{tag}:{nonce}`, see
+/// [`super::AttemptIdentity`]): a Job of this name is adopted only with it.
+pub const TOKEN_ANNOTATION: &str = "workflows.ccat.uni-koeln.de/attempt-token";
 /// The container of every Job; its logs are the job log.
 pub const CONTAINER: &str = "step";
 
@@ -110,6 +115,10 @@ pub fn job_manifest(spec: &JobSpec, options: &KubernetesOptions) -> Result<Job, 
             name: Some(spec.tag.clone()),
             namespace: Some(options.namespace.clone()),
             labels: Some(labels.clone()),
+            annotations: Some(BTreeMap::from([(
+                TOKEN_ANNOTATION.to_owned(),
+                format!("{}:{}", spec.tag, spec.nonce),
+            )])),
             ..Default::default()
         },
         spec: Some(K8sJobSpec {
@@ -206,6 +215,15 @@ fn validate_name(name: &str) -> Result<(), BackendError> {
 }
 
 /// The run id and attempt of a tag `…-run-<id>-a<attempt>`.
+/// The attempt token a Job carries.
+fn token_of(job: &Job) -> Option<&str> {
+    job.metadata
+        .annotations
+        .as_ref()?
+        .get(TOKEN_ANNOTATION)
+        .map(String::as_str)
+}
+
 fn run_and_attempt(tag: &str) -> Result<(i64, i32), BackendError> {
     let parsed = tag.rsplit_once("-run-").and_then(|(_, rest)| {
         let (id, attempt) = rest.split_once("-a")?;
@@ -479,8 +497,24 @@ impl super::Backend for KubernetesBackend {
             .await
         {
             Ok(_) => Ok(spec.tag.clone()),
-            // Created before a crash kept it from being recorded: that Job, never a second.
-            Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(spec.tag.clone()),
+            // Created before a crash kept it from being recorded: that Job, never a second
+            // — if it is this attempt's own (its token), else the run cannot go on.
+            Err(kube::Error::Api(status)) if status.is_already_exists() => {
+                let existing = self
+                    .api::<Job>()
+                    .await?
+                    .get(&spec.tag)
+                    .await
+                    .map_err(|e| api_error("reading the existing Job", e))?;
+                if token_of(&existing) == Some(format!("{}:{}", spec.tag, spec.nonce).as_str()) {
+                    Ok(spec.tag.clone())
+                } else {
+                    Err(BackendError::Invalid(format!(
+                        "a Job named {} exists but was not made for this attempt",
+                        spec.tag
+                    )))
+                }
+            }
             Err(e) => Err(api_error("creating the Job", e)),
         }
     }
@@ -488,8 +522,11 @@ impl super::Backend for KubernetesBackend {
     async fn find(
         &self,
         tag: &str,
-        _attempt_dir: &std::path::Path,
+        attempt_dir: &std::path::Path,
     ) -> Result<Option<String>, BackendError> {
+        let Some(token) = super::AttemptIdentity::token_for(tag, attempt_dir) else {
+            return Ok(None);
+        };
         let (run_id, attempt) = run_and_attempt(tag)?;
         let selector = format!(
             "{},{RUN_ID_LABEL}={run_id},{ATTEMPT_LABEL}={attempt}",
@@ -504,6 +541,7 @@ impl super::Backend for KubernetesBackend {
         Ok(listed
             .items
             .into_iter()
+            .filter(|j| token_of(j) == Some(token.as_str()))
             .filter_map(|j| j.metadata.name)
             .find(|name| name == tag))
     }
