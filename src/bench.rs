@@ -479,7 +479,7 @@ pub fn render_slurm(f: &SlurmFigures) -> String {
         let calls: Vec<String> = p.calls.iter().map(|(k, v)| format!("{k} {v}")).collect();
         out.push_str(&format!(
             "status cycle over {:>5} active jobs: {} SLURM call(s) ({}) (goal: 1 squeue + at \
-             most 1 sacct/scontrol: {}); {:.0} ms (goal < 1000 ms: {})\n",
+             most 1 sacct: {}); {:.0} ms (goal < 1000 ms: {})\n",
             p.active_jobs,
             total,
             calls.join(", "),

@@ -23,8 +23,9 @@ use super::{Backend, BackendError, JobMetrics, JobRef, JobSpec, JobState};
 pub const SCRIPT: &str = "job.sbatch";
 /// File name of the batch script's record of how the software ended.
 pub const EXIT_FILE: &str = "exit.json";
-/// Most job ids on one `squeue`/`sacct` command line.
-const IDS_PER_CALL: usize = 1000;
+/// Most job ids on one `squeue`/`sacct` command line: one argument of at most ~110 KB
+/// (Linux takes 128 KiB an argument).
+const IDS_PER_CALL: usize = 10_000;
 
 /// What the batch script records when the software ends (see [`batch_script`]).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]

@@ -95,7 +95,8 @@ pub struct SlurmSettings {
     pub extra_options: Vec<String>,
     /// Where the SLURM commands are; empty = on `PATH`.
     pub bin_dir: PathBuf,
-    /// slurmdbd is configured: final states come from `sacct`, else `scontrol`.
+    /// slurmdbd is configured: final states of jobs the controller forgot come from
+    /// `sacct`, else from the job's own exit record.
     pub accounting: bool,
 }
 
