@@ -469,7 +469,10 @@ async fn the_client_creates_follows_reconciles_and_deletes_jobs() {
     foreign.nonce = "n0".into();
     let refused = backend.submit(&foreign).await.unwrap_err();
     assert!(refused.is_refusal(), "{refused}");
-    assert!(refused.to_string().contains("not made for this attempt"), "{refused}");
+    assert!(
+        refused.to_string().contains("not made for this attempt"),
+        "{refused}"
+    );
     let mut foreign_dir = spec.attempt_dir.clone();
     foreign_dir.set_extension("other");
     std::fs::create_dir_all(&foreign_dir).unwrap();

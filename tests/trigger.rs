@@ -800,3 +800,46 @@ async fn a_synthetic_archive_is_evaluated_alike_on_both_databases() {
     }
     assert_eq!(found[0], found[1], "SQLite and PostgreSQL disagree");
 }
+
+/// A transaction left open anywhere on the server pins PostgreSQL's horizon: every cycle
+/// then reads the same changes again. After `HORIZON_STUCK_CYCLES` such cycles the
+/// evaluator names the transaction that holds it.
+#[tokio::test]
+async fn a_pinned_horizon_is_reported_with_the_transaction_that_holds_it() {
+    use sqlx::Connection;
+    let t = TestDatabase::postgres("horizon").await;
+    t.db.migrate().await.unwrap();
+    common::exec(&t.db, common::ARCHIVE).await.unwrap();
+    common::exec(&t.db, PIPELINE).await.unwrap();
+    let mut evaluator = trigger::Evaluator::default();
+    let mut now = t0();
+    evaluator.cycle(&t.db, &options(), now).await.unwrap();
+    // Another client opens a transaction, takes a transaction id and goes idle.
+    let mut blocker = sqlx::PgConnection::connect(&t.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut blocker)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    // Something is written after it: from now on every cycle sees it again.
+    common::exec(&t.db, "UPDATE source SET name = 'NGC 253' WHERE id = 1")
+        .await
+        .unwrap();
+    let mut reported = None;
+    for _ in 0..(trigger::HORIZON_STUCK_CYCLES + 3) {
+        now += Duration::minutes(1);
+        let report = evaluator.cycle(&t.db, &options(), now).await.unwrap();
+        if let Some(blocker) = report.horizon_blocked_by {
+            reported = Some(blocker);
+            break;
+        }
+    }
+    let reported = reported.expect("the pinned horizon was never reported");
+    assert!(reported.contains(&format!("pid {pid}")), "{reported}");
+    assert!(reported.contains("pg_current_xact_id"), "{reported}");
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+}

@@ -2,7 +2,7 @@
 
 from collections.abc import Awaitable, Mapping
 from os import PathLike
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 __version__: str
 
@@ -39,8 +39,43 @@ def dynaconf_values(
 def cli_main(argv: list[str]) -> int:
     """Runs ``ccat-wfm`` with ``argv`` (program name first); returns the exit code."""
 
-def process_triggers(settings: Settings, dry_run: bool = False) -> dict[str, Any]:
-    """Runs one trigger-manager cycle; returns its report."""
+class Gap(TypedDict):
+    pipeline: str
+    step: str
+    sub_group_key: str
+    fingerprint: str
+    software_version: str
+    inputs: int
+    reason: Literal["new", "changed", "forced"]
+    cooldown_until: str | None
+    run_id: int | None
+
+class PipelineReport(TypedDict):
+    pipeline: str
+    evaluated: bool
+    mode: Literal["skipped", "full", "incremental"]
+    sub_groups_evaluated: int
+    gaps_found: int
+    created: int
+    deferred: int
+    gaps: list[Gap]
+
+class CycleReport(TypedDict, total=False):
+    pipelines: list[PipelineReport]
+    errors: list[str]
+    changed_packages: int
+    changed_runs: int
+    horizon_blocked_by: str
+
+class TriggerManager:
+    """A trigger-manager keeping its pool and evaluator between cycles."""
+    def __init__(self, settings: Settings, dry_run: bool = False) -> None: ...
+    def cycle(self) -> CycleReport: ...
+    def acycle(self) -> Awaitable[CycleReport]: ...
+    def close(self) -> None: ...
+
+def process_triggers(settings: Settings, dry_run: bool = False) -> CycleReport:
+    """Runs one trigger-manager cycle from a cold start; returns its report."""
 
 def migrate(settings: Settings) -> list[int]:
     """Applies the product's migrations to the configured database; returns the versions applied."""

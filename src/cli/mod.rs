@@ -419,8 +419,8 @@ enum DbCommand {
         #[command(flatten)]
         db: DatabaseArg,
     },
-    /// Report every table and column the product needs that the database lacks;
-    /// exits 1 when anything is missing.
+    /// Report every table, column and change-tracking trigger the product needs that
+    /// the database lacks; exits 1 when anything is missing.
     Check {
         #[command(flatten)]
         db: DatabaseArg,
@@ -428,6 +428,9 @@ enum DbCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the PostgreSQL DDL of the change tracking the trigger-manager needs
+    /// (columns, functions, triggers), for ops-db's Alembic migration.
+    ChangeTrackingSql,
 }
 
 #[derive(Debug, Subcommand)]
@@ -851,6 +854,12 @@ async fn run(
             Ok(0)
         }
         Command::Db {
+            command: DbCommand::ChangeTrackingSql,
+        } => {
+            print!("{}", crate::db::schema::POSTGRES_CHANGE_TRACKING_SQL);
+            Ok(0)
+        }
+        Command::Db {
             command: DbCommand::Check { db, json },
         } => {
             let db = open_database(&settings, &db).await?;
@@ -869,6 +878,18 @@ async fn run(
                 }
                 for (table, column) in &report.missing_columns {
                     println!("  missing column {table}.{column}");
+                }
+                for function in &report.missing_functions {
+                    println!("  missing change-tracking function {function}");
+                }
+                for trigger in &report.missing_triggers {
+                    println!("  missing change-tracking trigger  {trigger}");
+                }
+                if !report.missing_functions.is_empty() || !report.missing_triggers.is_empty() {
+                    println!(
+                        "  (without them the trigger-manager never sees new data: \
+                         `ccat-wfm db change-tracking-sql` prints what to install)"
+                    );
                 }
             }
             db.close().await;
@@ -903,7 +924,13 @@ async fn gaps(
     )
     .await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        // Written as it is serialised: the text of hundreds of thousands of gaps is never
+        // held whole.
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        out.flush()?;
     } else {
         let rows: Vec<Vec<String>> = report
             .pipelines

@@ -84,7 +84,56 @@ const MARKS: &str = "SELECT {horizon}, \
        SELECT MAX(change_mark) FROM pipeline_trigger_state) d), \
     (SELECT MAX(change_mark) FROM change_tombstone)";
 
+/// The oldest transaction of the server that holds back the horizon.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OpenTransaction {
+    pub pid: i32,
+    pub database: Option<String>,
+    pub age_seconds: f64,
+    pub query_start: Option<DateTime<Utc>>,
+    pub state: Option<String>,
+    pub query: Option<String>,
+}
+
+impl std::fmt::Display for OpenTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "backend pid {} (database {}, {}) in a transaction for {:.0} s; its last query{}: {}",
+            self.pid,
+            self.database.as_deref().unwrap_or("?"),
+            self.state.as_deref().unwrap_or("?"),
+            self.age_seconds,
+            self.query_start
+                .map(|t| format!(" started {}", t.to_rfc3339()))
+                .unwrap_or_default(),
+            self.query.as_deref().unwrap_or("?")
+        )
+    }
+}
+
 impl Database {
+    /// The server's oldest open transaction other than ours (PostgreSQL; None on SQLite,
+    /// whose one writer at a time cannot pin the horizon).
+    pub async fn oldest_open_transaction(&self) -> Result<Option<OpenTransaction>, DbError> {
+        match self {
+            Database::Postgres(pool) => sqlx::query_as(
+                "SELECT pid, datname::text AS database, \
+                        EXTRACT(EPOCH FROM now() - xact_start)::float8 AS age_seconds, \
+                        query_start, state, left(query, 200) AS query \
+                 FROM pg_stat_activity \
+                 WHERE (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL) \
+                   AND pid <> pg_backend_pid() \
+                   AND xact_start IS NOT NULL \
+                 ORDER BY age(COALESCE(backend_xid, backend_xmin)) DESC LIMIT 1",
+            )
+            .fetch_optional(pool)
+            .await
+            .map_err(DbError::query("finding the oldest open transaction")),
+            Database::Sqlite(_) => Ok(None),
+        }
+    }
+
     /// A new horizon and the newest change marks, in one round trip.
     pub async fn change_marks(&self) -> Result<ChangeMarks, DbError> {
         let horizon = match self.dialect() {

@@ -231,13 +231,64 @@ impl Database {
         Ok(tables)
     }
 
-    /// Compares the database with [`schema::tables`]: what the product needs and lacks.
+    /// Compares the database with [`schema::tables`] and the change-tracking triggers:
+    /// what the product needs and lacks.
     pub async fn check(&self) -> Result<SchemaReport, DbError> {
         let present = self.columns().await?;
-        Ok(SchemaReport::compare(
-            &schema::tables(self.dialect()),
-            &present,
-        ))
+        let mut report = SchemaReport::compare(&schema::tables(self.dialect()), &present);
+        let (functions, triggers) = self.change_tracking_present().await?;
+        if self.dialect() == Dialect::Postgres {
+            report.missing_functions = schema::CHANGE_TRACKING_FUNCTIONS
+                .iter()
+                .filter(|f| !functions.contains(**f))
+                .map(|f| (*f).to_owned())
+                .collect();
+        }
+        report.missing_triggers = schema::change_tracking_triggers(self.dialect())
+            .into_iter()
+            .filter(|t| !triggers.contains(t))
+            .collect();
+        Ok(report)
+    }
+
+    /// The functions and triggers of the current schema, by name.
+    async fn change_tracking_present(
+        &self,
+    ) -> Result<(BTreeSet<String>, BTreeSet<String>), DbError> {
+        let what = DbError::query("listing the schema's triggers");
+        match self {
+            Database::Postgres(pool) => {
+                let functions: Vec<String> = sqlx::query_scalar(
+                    "SELECT p.proname::text FROM pg_proc p \
+                     JOIN pg_namespace n ON n.oid = p.pronamespace \
+                     WHERE n.nspname = current_schema()",
+                )
+                .fetch_all(pool)
+                .await
+                .map_err(DbError::query("listing the schema's functions"))?;
+                let triggers: Vec<String> = sqlx::query_scalar(
+                    "SELECT t.tgname::text FROM pg_trigger t \
+                     JOIN pg_class c ON c.oid = t.tgrelid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = current_schema() AND NOT t.tgisinternal AND t.tgenabled <> 'D'",
+                )
+                .fetch_all(pool)
+                .await
+                .map_err(what)?;
+                Ok((
+                    functions.into_iter().collect(),
+                    triggers.into_iter().collect(),
+                ))
+            }
+            Database::Sqlite(pool) => {
+                let triggers: Vec<String> =
+                    sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+                        .fetch_all(pool)
+                        .await
+                        .map_err(what)?;
+                Ok((BTreeSet::new(), triggers.into_iter().collect()))
+            }
+        }
     }
 
     /// This deployment's random identity, made once by `db migrate` (wfm_deployment).
@@ -325,6 +376,11 @@ pub struct SchemaReport {
     pub missing_tables: Vec<String>,
     /// `(table, column)` for tables that exist but lack a column.
     pub missing_columns: Vec<(String, String)>,
+    /// Change-tracking functions and triggers that are not there (`db
+    /// change-tracking-sql` prints them): without them the trigger-manager never sees
+    /// what is written to their tables.
+    pub missing_functions: Vec<String>,
+    pub missing_triggers: Vec<String>,
 }
 
 impl SchemaReport {
@@ -346,7 +402,10 @@ impl SchemaReport {
     }
 
     pub fn is_complete(&self) -> bool {
-        self.missing_tables.is_empty() && self.missing_columns.is_empty()
+        self.missing_tables.is_empty()
+            && self.missing_columns.is_empty()
+            && self.missing_functions.is_empty()
+            && self.missing_triggers.is_empty()
     }
 }
 

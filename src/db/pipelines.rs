@@ -115,6 +115,17 @@ const RUN_CHUNK: usize = 200;
 /// Sub-group keys per lookup.
 const KEY_CHUNK: usize = 5000;
 
+/// The runs of whole steps, on PostgreSQL (`$1`: an array of step ids). Public for the
+/// test that checks its plan uses the index.
+pub const RUNS_OF_STEPS_PG: &str = "SELECT reduction_step_id, id, sub_group_key, fingerprint, \
+    status, retry_count, max_retries, created_at FROM executed_reduction_step \
+    WHERE reduction_step_id = ANY($1)";
+
+/// The products of runs that feed downstream steps, on PostgreSQL (`$1`: an array of run
+/// ids).
+pub const PRODUCTS_OF_RUNS_PG: &str = "SELECT executed_reduction_step_id, id FROM data_product \
+    WHERE product_type <> 'LOG' AND executed_reduction_step_id = ANY($1) ORDER BY id";
+
 impl Database {
     /// Enabled pipelines served by a processing location, highest priority first.
     pub async fn enabled_pipelines(
@@ -231,20 +242,28 @@ impl Database {
     ) -> Result<Vec<(i64, RunStamp)>, DbError> {
         let mut stamps = Vec::new();
         if !whole_steps.is_empty() {
-            let steps = serde_json::to_string(whole_steps).expect("ids serialise");
-            let sql = match self.dialect() {
-                Dialect::Postgres => {
-                    "SELECT reduction_step_id, id, sub_group_key, fingerprint, status, retry_count, \
-                        max_retries, created_at FROM executed_reduction_step \
-                     WHERE reduction_step_id IN (SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text($1::jsonb))"
+            let rows: Vec<StepRunStamp> = match self {
+                // An array parameter, which the planner sees through (an index scan per
+                // step), where a set-returning function over a JSON list reads every run.
+                Database::Postgres(pool) => {
+                    sqlx::query_as(RUNS_OF_STEPS_PG)
+                        .bind(whole_steps)
+                        .fetch_all(pool)
+                        .await
                 }
-                Dialect::Sqlite => {
-                    "SELECT reduction_step_id, id, sub_group_key, fingerprint, status, retry_count, \
-                        max_retries, created_at FROM executed_reduction_step \
-                     WHERE reduction_step_id IN (SELECT value FROM json_each($1))"
+                Database::Sqlite(pool) => {
+                    sqlx::query_as(
+                        "SELECT reduction_step_id, id, sub_group_key, fingerprint, status, \
+                            retry_count, max_retries, created_at FROM executed_reduction_step \
+                         WHERE reduction_step_id IN (SELECT value FROM json_each($1))",
+                    )
+                    .bind(serde_json::to_string(whole_steps).expect("ids serialise"))
+                    .fetch_all(pool)
+                    .await
                 }
-            };
-            stamps.extend(self.stamp_rows(sql, steps).await?);
+            }
+            .map_err(DbError::query("reading steps' runs"))?;
+            stamps.extend(rows.into_iter().map(|r| (r.reduction_step_id, r.stamp)));
         }
         for chunk in sub_groups.chunks(KEY_CHUNK) {
             let pairs = serde_json::to_string(chunk).expect("keys serialise");
@@ -523,13 +542,8 @@ impl Database {
         let ids = serde_json::to_string(run_ids).expect("ids serialise");
         let what = DbError::query("reading upstream products");
         match self {
-            Database::Postgres(pool) => sqlx::query_as(
-                "SELECT executed_reduction_step_id, id FROM data_product \
-                 WHERE product_type <> 'LOG' AND executed_reduction_step_id IN \
-                   (SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text($1::jsonb)) \
-                 ORDER BY id",
-            )
-            .bind(ids)
+            Database::Postgres(pool) => sqlx::query_as(PRODUCTS_OF_RUNS_PG)
+            .bind(run_ids)
             .fetch_all(pool)
             .await
             .map_err(what),

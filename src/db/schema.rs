@@ -283,6 +283,64 @@ pub const TABLES: &[Table] = &[
     },
 ];
 
+/// Tables whose writes the trigger-manager follows through change marks
+/// (`migrations/*/0003_change_tracking.sql`): each needs its triggers, or the evaluation
+/// silently never sees what is written there.
+pub const TRACKED_TABLES: &[&str] = &[
+    "instrument",
+    "instrument_module",
+    "source",
+    "line",
+    "obs_unit",
+    "executed_obs_unit",
+    "raw_data_package",
+    "executed_reduction_step",
+    "data_grouping",
+    "pipeline",
+    "reduction_step",
+    "reduction_step_config",
+    "reduction_step_dependency",
+    "reduction_software_version",
+    "trigger_request",
+    "pipeline_trigger_state",
+];
+
+/// Tables whose change mark moves on an update only when the evaluation's columns change
+/// (`0006_bookkeeping_is_no_change.sql`): they have an update trigger of their own.
+const FILTERED_UPDATES: &[&str] = &["executed_reduction_step", "pipeline_trigger_state"];
+
+/// The change-tracking functions (PostgreSQL only).
+pub const CHANGE_TRACKING_FUNCTIONS: &[&str] = &["ccat_set_change_mark", "ccat_record_delete"];
+
+/// Every change-tracking trigger of one database, by name.
+pub fn change_tracking_triggers(dialect: super::Dialect) -> Vec<String> {
+    let mut names = Vec::new();
+    for table in TRACKED_TABLES {
+        match dialect {
+            super::Dialect::Postgres => {
+                names.push(format!("{table}_change_mark"));
+                if FILTERED_UPDATES.contains(table) {
+                    names.push(format!("{table}_change_mark_update"));
+                }
+            }
+            super::Dialect::Sqlite => {
+                names.push(format!("{table}_change_mark_insert"));
+                names.push(format!("{table}_change_mark_update"));
+            }
+        }
+        names.push(format!("{table}_tombstone"));
+    }
+    names
+}
+
+/// The DDL that gives an existing PostgreSQL schema (ops-db's) the change tracking the
+/// trigger-manager needs, for ops-db's maintainers to put in an Alembic migration.
+pub const POSTGRES_CHANGE_TRACKING_SQL: &str = concat!(
+    include_str!("../../migrations/postgres/0003_change_tracking.sql"),
+    "\n",
+    include_str!("../../migrations/postgres/0006_bookkeeping_is_no_change.sql"),
+);
+
 /// Tables only the SQLite schema has: its change clock (PostgreSQL uses transaction ids).
 pub const SQLITE_ONLY_TABLES: &[Table] = &[Table {
     name: "change_clock",

@@ -131,6 +131,10 @@ pub struct CycleReport {
     pub changed_packages: usize,
     /// Runs written since the last cycle (by any manager).
     pub changed_runs: usize,
+    /// Set when the change horizon has not moved for [`HORIZON_STUCK_CYCLES`] cycles
+    /// while writes piled up: the transaction that holds it (pid, age, query).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub horizon_blocked_by: Option<String>,
 }
 
 impl CycleReport {
@@ -321,7 +325,14 @@ pub struct Evaluator {
     memos: HashMap<i64, PipelineMemo>,
     errors: HashMap<i64, String>,
     pruned_at: Option<DateTime<Utc>>,
+    /// Cycles in a row whose horizon did not move although something was written since:
+    /// a transaction open somewhere pins it, and every cycle reads the same changes again.
+    stuck: u32,
 }
+
+/// Cycles with a pinned horizon before the blocking transaction is named in a warning
+/// (and again every as many cycles while it stays).
+pub const HORIZON_STUCK_CYCLES: u32 = 10;
 
 impl Evaluator {
     /// Runs one cycle.
@@ -370,6 +381,21 @@ impl Evaluator {
         // The horizon comes first: whatever is written after it is seen again next cycle.
         let marks = db.change_marks().await?;
         let horizon = marks.horizon;
+        if self.horizon == Some(horizon) && marks.data_changed_since(horizon) {
+            self.stuck += 1;
+            if self.stuck.is_multiple_of(HORIZON_STUCK_CYCLES) {
+                let blocker = db.oldest_open_transaction().await?;
+                tracing::warn!(cycles = self.stuck, blocker = ?blocker,
+                    "the change horizon has not moved: an open transaction keeps every \
+                     trigger cycle reading the same changes again");
+                report.horizon_blocked_by = Some(blocker.map_or_else(
+                    || "an open transaction (not visible to this role)".to_owned(),
+                    |b| b.to_string(),
+                ));
+            }
+        } else {
+            self.stuck = 0;
+        }
         let changes = match self.horizon {
             // Nothing written since: no need to ask what.
             Some(h) if !marks.data_changed_since(h) => Some(Changes::default()),
@@ -801,8 +827,12 @@ async fn evaluate_pipeline(
             )
             .await?;
         }
-        db.record_evaluation(pipeline.id, firing.cron_tick, now)
-            .await?;
+        // Only a cycle that looked at something is worth a write: a steady-state cycle
+        // writes nothing (and its own bookkeeping is no change to read next cycle).
+        if firing.cron_tick.is_some() || !requests.is_empty() || report.sub_groups_evaluated > 0 {
+            db.record_evaluation(pipeline.id, firing.cron_tick, now)
+                .await?;
+        }
     }
     Ok(report)
 }

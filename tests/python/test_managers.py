@@ -11,7 +11,7 @@ import pytest
 from ccat_workflow_manager import DatabaseError, Settings, _core
 from ccat_workflow_manager.config import make_settings
 from ccat_workflow_manager.managers.result_manager import process_running_steps
-from ccat_workflow_manager.managers.trigger_manager import process_triggers
+from ccat_workflow_manager.managers.trigger_manager import TriggerManager, process_triggers
 from ccat_workflow_manager.managers.workflow_manager import process_pending_runs
 
 SEED = """
@@ -41,7 +41,7 @@ def database(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "ops.sqlite"
     monkeypatch.setenv("CCAT_OPS_DB_DATABASE_SQLITE_DATABASE", str(path))
-    assert _core.migrate(Settings.load()) == [1, 2, 3, 4]
+    assert _core.migrate(Settings.load()) == [1, 2, 3, 4, 5, 6]
     with sqlite3.connect(path) as conn:
         conn.executescript(SEED)
     return path
@@ -58,6 +58,45 @@ def test_process_triggers_creates_runs_once(database):
     assert process_triggers(make_settings())["pipelines"][0]["created"] == 0
     with sqlite3.connect(database) as conn:
         assert conn.execute("SELECT COUNT(*) FROM executed_reduction_step").fetchone() == (2,)
+
+
+def test_a_trigger_manager_keeps_its_evaluator_between_cycles(database):
+    manager = TriggerManager(make_settings())
+    first = manager.cycle()
+    assert first["pipelines"][0]["created"] == 2
+    assert first["pipelines"][0]["mode"] == "full"
+    # Its own runs are a change to look at once; then nothing is read but the marks.
+    manager.cycle()
+    quiet = manager.cycle()
+    pipeline = quiet["pipelines"][0]
+    assert pipeline["mode"] == "incremental", quiet
+    assert (quiet["changed_packages"], quiet["changed_runs"], pipeline["sub_groups_evaluated"]) == (0, 0, 0)
+    # A new package: only its sub-group is looked at.
+    with sqlite3.connect(database) as conn:
+        conn.executescript(
+            "INSERT INTO executed_obs_unit (id, obs_unit_id, start_time) VALUES (3, 1, '2026-01-12T23:30:00+00:00');"
+            "INSERT INTO raw_data_package (id, name, executed_obs_unit_id, instrument_module_id, state)"
+            " VALUES (3, 'p3', 3, 1, 'ARCHIVED');"
+        )
+    report = manager.cycle()
+    assert report["pipelines"][0]["created"] == 1
+    assert report["pipelines"][0]["sub_groups_evaluated"] == 1
+    manager.close()
+
+
+def test_a_trigger_manager_cycles_from_asyncio(database):
+    import asyncio
+
+    async def main():
+        manager = TriggerManager(make_settings())
+        first = await manager.acycle()
+        second = await manager.acycle()
+        manager.close()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first["pipelines"][0]["created"] == 2
+    assert second["pipelines"][0]["mode"] == "incremental"
 
 
 def test_entry_points_work_in_a_forked_child(database):
