@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynaconf import Dynaconf
 
 from ccat_workflow_manager import _core
-from ccat_workflow_manager._core import CycleReport
 from ccat_workflow_manager.config import to_rust
+
+if TYPE_CHECKING:
+    # Typed dicts of the stubs only; at run time the reports are plain dicts.
+    from ccat_workflow_manager._core import CycleReport
 
 
 class TriggerManager:
