@@ -23,6 +23,9 @@ pub const TTL: Duration = Duration::from_secs(90);
 pub const REFRESH: Duration = Duration::from_secs(30);
 /// How long a status record outlives its service, so that a dead one shows as down.
 const STATUS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long the record of a clean stop is kept ("stopped at T"), then forgotten: a
+/// worker per pod would otherwise leave one more entry with every restart.
+const STOPPED_TTL: Duration = Duration::from_secs(24 * 3600);
 
 fn yes() -> bool {
     true
@@ -49,6 +52,9 @@ pub struct ServiceStatus {
     /// manager loops, false for services that may rightly sit idle (a Celery worker).
     #[serde(default = "yes")]
     pub stale_when_idle: bool,
+    /// Set when the service stopped cleanly (its key removed on purpose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -76,6 +82,7 @@ impl HealthReporter {
                 cycle_in_progress: false,
                 stale_after_seconds: stale_after.as_secs_f64(),
                 stale_when_idle: true,
+                stopped_at: None,
                 updated_at: now,
             })),
         }
@@ -190,6 +197,22 @@ pub async fn beat(
         .await
 }
 
+/// Removes the health key and records a clean stop (kept for [`STOPPED_TTL`]).
+pub async fn stopped(
+    conn: &mut impl redis::aio::ConnectionLike,
+    keys: &HealthKeys,
+    status: &ServiceStatus,
+) -> redis::RedisResult<()> {
+    let record = serde_json::to_string(status).expect("status serialises");
+    redis::pipe()
+        .del(keys.alive(&status.service))
+        .ignore()
+        .set_ex(keys.status(&status.service), record, STOPPED_TTL.as_secs())
+        .ignore()
+        .query_async(conn)
+        .await
+}
+
 /// Keeps the heartbeat going every `refresh` until the task is aborted. A Redis outage is
 /// logged once per beat interval, and the connection is re-established when Redis returns.
 pub fn spawn_heartbeat(
@@ -241,14 +264,13 @@ pub struct ManagerHeartbeat {
     pub reporter: HealthReporter,
     task: Option<tokio::task::JoinHandle<()>>,
     client: Option<redis::Client>,
-    service: String,
 }
 
 impl ManagerHeartbeat {
     /// Starts beating for `service`, whose loop polls every `interval`.
     pub fn start(redis: &RedisSettings, service: &str, interval: Duration) -> ManagerHeartbeat {
         let reporter = HealthReporter::new(service, HealthReporter::stale_after_for(interval));
-        Self::start_with(redis, service, reporter)
+        Self::start_with(redis, reporter)
     }
 
     /// The heartbeat of a service that may sit idle, such as a Celery worker: alive while
@@ -256,14 +278,10 @@ impl ManagerHeartbeat {
     pub fn start_idle(redis: &RedisSettings, service: &str) -> ManagerHeartbeat {
         let reporter = HealthReporter::new(service, Duration::from_secs(3600));
         reporter.lock().stale_when_idle = false;
-        Self::start_with(redis, service, reporter)
+        Self::start_with(redis, reporter)
     }
 
-    fn start_with(
-        redis: &RedisSettings,
-        service: &str,
-        reporter: HealthReporter,
-    ) -> ManagerHeartbeat {
+    fn start_with(redis: &RedisSettings, reporter: HealthReporter) -> ManagerHeartbeat {
         let client = match redis_client(redis) {
             // No Redis configured (the demo): the loop runs without a heartbeat.
             _ if redis.host.is_empty() => None,
@@ -281,24 +299,26 @@ impl ManagerHeartbeat {
             reporter,
             task,
             client,
-            service: service.to_owned(),
         }
     }
 
-    /// Stops beating and removes the health key, so the service shows as down at once.
+    /// Stops beating, removes the health key and records the clean stop, so the service
+    /// shows as stopped (not down) at once.
     pub async fn stop(self) {
         local_registry().retain(|w| !std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.reporter.status)));
         if let Some(task) = self.task {
             task.abort();
         }
         if let Some(client) = self.client {
-            let key = HealthKeys::default().alive(&self.service);
-            let removed = async {
+            let mut status = self.reporter.snapshot();
+            status.stopped_at = Some(status.updated_at);
+            status.cycle_in_progress = false;
+            let written = async {
                 let mut conn = client.get_multiplexed_async_connection().await?;
-                redis::AsyncCommands::del::<_, ()>(&mut conn, key).await
+                stopped(&mut conn, &HealthKeys::default(), &status).await
             };
-            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(3), removed).await {
-                tracing::debug!(error = %e, "health key not removed");
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(3), written).await {
+                tracing::debug!(error = %e, "clean stop not recorded");
             }
         }
     }
@@ -309,7 +329,13 @@ impl ManagerHeartbeat {
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum Health {
     Healthy,
-    /// The health key expired: the process is gone or cannot reach Redis.
+    /// Alive, and no cycle finished yet since it started.
+    Starting,
+    /// Stopped cleanly (its heartbeat removed on purpose) at this time.
+    Stopped {
+        at: DateTime<Utc>,
+    },
+    /// The health key expired: the process died or cannot reach Redis.
     Down,
     /// The key is alive but the loop is not making progress.
     Stale {
@@ -320,7 +346,10 @@ pub enum Health {
 /// Judges a service from its key and status record.
 pub fn assess(alive: bool, status: Option<&ServiceStatus>, now: DateTime<Utc>) -> Health {
     if !alive {
-        return Health::Down;
+        return match status.and_then(|s| s.stopped_at) {
+            Some(at) => Health::Stopped { at },
+            None => Health::Down,
+        };
     }
     let Some(s) = status else {
         // A key without a record (a data-transfer style service): alive is all we know.
@@ -342,7 +371,18 @@ pub fn assess(alive: bool, status: Option<&ServiceStatus>, now: DateTime<Utc>) -
             };
         }
     }
+    if s.stale_when_idle && s.last_cycle_end.is_none() {
+        return Health::Starting;
+    }
     Health::Healthy
+}
+
+impl Health {
+    /// Whether the service is as it should be: running (healthy or starting) or stopped
+    /// on purpose; not down or stale.
+    pub fn is_ok(&self) -> bool {
+        !matches!(self, Health::Down | Health::Stale { .. })
+    }
 }
 
 /// One service in a health report.
@@ -444,6 +484,16 @@ mod tests {
         let now = Utc::now();
         assert_eq!(assess(false, None, now), Health::Down);
         assert_eq!(assess(true, None, now), Health::Healthy);
+        let fresh = HealthReporter::new("trigger-manager", Duration::from_secs(60)).snapshot();
+        assert_eq!(assess(true, Some(&fresh), now), Health::Starting);
+        let mut stopped = status(false, 10, Some(5));
+        stopped.stopped_at = Some(now);
+        assert_eq!(
+            assess(false, Some(&stopped), now),
+            Health::Stopped { at: now }
+        );
+        assert!(Health::Stopped { at: now }.is_ok() && Health::Starting.is_ok());
+        assert!(!Health::Down.is_ok());
         assert_eq!(
             assess(true, Some(&status(false, 10, Some(5))), now),
             Health::Healthy

@@ -253,6 +253,15 @@ where
 pub fn describe(err: &anyhow::Error) -> String {
     let mut out = err.to_string();
     for cause in err.chain().skip(1) {
+        // The database layer says what a server error means; the driver's own text and
+        // the server's error below it (with its internal source position) add nothing an
+        // operator needs.
+        if matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(_))
+        ) {
+            break;
+        }
         let text = cause.to_string();
         if !out.contains(&text) {
             out.push_str(": ");

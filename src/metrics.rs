@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Json};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
-use crate::health::{self, Health};
+use crate::health;
 
 /// Runs created by the trigger-manager, per pipeline.
 pub const RUNS_CREATED: &str = "ccat_wfm_runs_created_total";
@@ -146,7 +146,7 @@ async fn healthz() -> impl IntoResponse {
         .into_iter()
         .map(|s| (health::assess(true, Some(&s), now), s))
         .collect();
-    let healthy = !assessed.is_empty() && assessed.iter().all(|(h, _)| *h == Health::Healthy);
+    let healthy = !assessed.is_empty() && assessed.iter().all(|(h, _)| h.is_ok());
     let services: Vec<serde_json::Value> = assessed
         .iter()
         .map(|(state, s)| {

@@ -175,6 +175,55 @@ fn invalid_settings_are_named_and_exit_2() {
     assert!(err.contains("PROCESSING_LOCATION_ID"), "{err}");
 }
 
+#[test]
+fn a_mistyped_setting_is_warned_about_with_the_nearest_key_and_refused_when_strict() {
+    let typo = [("CCAT_WORKFLOW_MANAGER_HPC_BACKED", "slurm")];
+    let out = wfm(&["config", "show", "--json"], &typo);
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(shown["unknown_keys"][0]["key"], "HPC_BACKED", "{shown}");
+    assert_eq!(shown["unknown_keys"][0]["did_you_mean"], "HPC_BACKEND");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did you mean HPC_BACKEND?"), "{err}");
+    let strict = wfm(
+        &["config", "show"],
+        &[typo[0], ("CCAT_WORKFLOW_MANAGER_STRICT_SETTINGS", "true")],
+    );
+    assert_eq!(strict.status.code(), Some(2), "{strict:?}");
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("HPC_BACKED"));
+}
+
+#[test]
+fn a_database_url_of_another_kind_is_refused_not_guessed() {
+    let out = wfm(
+        &[
+            "db",
+            "check",
+            "--database-url",
+            "mysql://u:secret@127.0.0.1/ops",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"mysql\" is not a database this product speaks"),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_table_is_named_without_server_internals_with_what_to_run() {
+    for t in common::TestDatabase::both("unmigrated").await {
+        let out = wfm(&["status", "--database-url", &t.url], &[]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("ccat-wfm db check"), "{}: {err}", t.url);
+        assert!(!err.contains(" at line "), "{}: {err}", t.url);
+    }
+}
+
 /// A CONTINUOUS pipeline over the common archive, one per-night step.
 const NIGHTLY: &str = r#"
 INSERT INTO data_location (id, name, location_type) VALUES (1, 'proc', 'PROCESSING');
@@ -641,6 +690,14 @@ async fn run_drives_a_pipeline_to_completion_with_the_three_managers_in_one_proc
     );
     let again = wfm(&["cancel", &forced_id, "--database-url", &t.url], &[]);
     assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr)
+            .contains(&format!("run {forced_id} is already CANCELLED")),
+        "{again:?}"
+    );
+    let none = wfm(&["cancel", "987654", "--database-url", &t.url], &[]);
+    assert_eq!(none.status.code(), Some(2), "{none:?}");
+    assert!(String::from_utf8_lossy(&none.stderr).contains("there is no run 987654"));
     let out = wfm(&["status", "--json", "--database-url", &t.url], &[]);
     let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert!(

@@ -198,3 +198,98 @@ async fn invalid_files_name_file_entry_and_field_and_write_nothing() {
         assert!(text(&out.stderr).contains("colour"), "{out:?}");
     }
 }
+
+/// Every hostile value of a field gets a message naming file, entry and field, the exit
+/// code of invalid input (1), and nothing reaches the database.
+#[tokio::test]
+async fn hostile_values_are_refused_with_file_entry_and_field() {
+    let long = "x".repeat(100_000);
+    // (what to replace in the example, its replacement, what the message must contain)
+    let cases: Vec<(&str, String, String)> = vec![
+        (
+            "max_retries = 2",
+            "max_retries = -3".into(),
+            "step \"calibrate\", field max_retries: -3 is negative".into(),
+        ),
+        (
+            "cooldown_seconds = 300",
+            "cooldown_seconds = -1".into(),
+            "step \"calibrate\", field cooldown_seconds: -1 is negative".into(),
+        ),
+        (
+            "max_active_runs = 50",
+            "max_active_runs = 0".into(),
+            "pipeline \"chai-maps\", field max_active_runs".into(),
+        ),
+        (
+            "name = \"map\"",
+            "name = \"\"".into(),
+            "step \"\", field name: must not be empty".into(),
+        ),
+        (
+            "name = \"map\"",
+            "name = \"..\"".into(),
+            "step \"..\", field name: \"..\" is not a name".into(),
+        ),
+        (
+            "name = \"map\"",
+            "name = \"m\\nap\"".into(),
+            "field name: contains the control character U+000A".into(),
+        ),
+        (
+            "name = \"map\"",
+            format!("name = \"{long}\""),
+            "characters long; at most 200".into(),
+        ),
+        (
+            "name = \"chai-maps\"",
+            "name = \"chai\\u0000maps\"".into(),
+            "field pipeline[0].name: contains a NUL character".into(),
+        ),
+        (
+            "name = \"map\"",
+            "name = \"baseline\"".into(),
+            "step \"baseline\": two steps have this name".into(),
+        ),
+        (
+            "memory_gb = 64.0",
+            "memory_gb = -1.0".into(),
+            "step \"map\", field memory_gb: must be positive".into(),
+        ),
+    ];
+    let t = TestDatabase::sqlite("apply_hostile").await;
+    t.db.migrate().await.unwrap();
+    exec(&t.db, LOCATION).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hostile.toml");
+    let original = std::fs::read_to_string(example()).unwrap();
+    for (from, to, expected) in &cases {
+        assert!(original.contains(from), "{from}");
+        std::fs::write(&file, original.replacen(from, to, 1)).unwrap();
+        let out = wfm(&["apply", file.to_str().unwrap(), "--database-url", &t.url]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{to}: {err}");
+        assert!(err.contains(&file.display().to_string()), "{to}: {err}");
+        assert!(err.contains(expected.as_str()), "{expected}\n{err}");
+        assert!(
+            err.len() < 4000,
+            "a hostile name is shown cut: {} bytes",
+            err.len()
+        );
+        assert!(
+            t.db.export_definitions()
+                .await
+                .unwrap()
+                .pipelines
+                .is_empty()
+        );
+    }
+    // A file that is not UTF-8 is invalid input like malformed TOML (exit 1).
+    std::fs::write(&file, b"name = \"\xff\"\n").unwrap();
+    let out = wfm(&["apply", file.to_str().unwrap(), "--database-url", &t.url]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("not UTF-8"), "{out:?}");
+    // A file that does not exist is a usage error (exit 2).
+    let out = wfm(&["apply", "/no/such/file.toml", "--database-url", &t.url]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

@@ -181,6 +181,18 @@ async fn health_command_exit_codes() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[0]["state"], "stale");
 
+    // A clean stop: listed as stopped, with the time; asked for by name it is not running.
+    let mut done = reporter.snapshot();
+    done.stopped_at = Some(chrono::Utc::now());
+    health::stopped(&mut cm, &keys, &done).await.unwrap();
+    let out = wfm(&["health", "--service", &service, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["state"], "stopped", "{json}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    health::beat(&mut cm, &keys, &stuck.snapshot())
+        .await
+        .unwrap();
+
     // The key expires (here: removed): down.
     let mut c = conn().await;
     let _: () = c.del(keys.alive(&service)).await.unwrap();

@@ -13,7 +13,7 @@ from typing import Any
 
 from dynaconf import Dynaconf
 
-from ccat_workflow_manager._core import Settings
+from ccat_workflow_manager._core import ConfigurationError, Settings, dynaconf_values
 
 ENVVAR_PREFIX = "CCAT_WORKFLOW_MANAGER"
 DEFAULT_ENV = "localdev"
@@ -52,4 +52,23 @@ def to_rust(dynaconf_settings: Dynaconf | None = None) -> Settings:
     Raises :class:`ccat_workflow_manager.ConfigurationError` naming the bad key.
     """
     source = settings if dynaconf_settings is None else dynaconf_settings
-    return Settings.from_dict(_plain(source.as_dict()))
+    try:
+        values = source.as_dict()
+    except Exception as e:  # Dynaconf raises its parsers' own errors (TOMLDecodeError, ...)
+        files = _settings_files(source)
+        # The Rust loader reads the same files and names the one that is broken.
+        try:
+            dynaconf_values(files)
+        except ConfigurationError as named:
+            raise named from e
+        raise ConfigurationError(f"the settings ({', '.join(files)}) cannot be read: {e}") from e
+    return Settings.from_dict(_plain(values))
+
+
+def _settings_files(source: Dynaconf) -> list[str]:
+    """The settings files a Dynaconf object was made with (read without loading them)."""
+    kwargs = getattr(source, "_kwargs", {}) or {}
+    files = kwargs.get("settings_files") or kwargs.get("SETTINGS_FILE_FOR_DYNACONF") or SETTINGS_FILES
+    if isinstance(files, str):
+        files = [f.strip() for f in files.replace(";", ",").split(",") if f.strip()]
+    return [str(f) for f in files]

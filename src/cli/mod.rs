@@ -521,7 +521,15 @@ where
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {}", describe(&err));
-            EXIT_PROBLEM
+            // A database URL of another kind is a configuration mistake, not a failure.
+            if matches!(
+                err.downcast_ref::<crate::db::DbError>(),
+                Some(crate::db::DbError::UnknownScheme { .. })
+            ) {
+                EXIT_USAGE
+            } else {
+                EXIT_PROBLEM
+            }
         }
     }
 }
@@ -696,11 +704,22 @@ async fn run(
         }
         Command::Apply { file, dry_run, db } => {
             let shown = file.display().to_string();
-            let text = match std::fs::read_to_string(&file) {
-                Ok(text) => text,
+            let bytes = match std::fs::read(&file) {
+                Ok(bytes) => bytes,
                 Err(e) => {
                     eprintln!("error: cannot read {shown}: {e}");
                     return Ok(EXIT_USAGE);
+                }
+            };
+            // Bad content is a problem with the file, like any other invalid definition.
+            let text = match String::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!(
+                        "error: {shown}: file: not UTF-8 text (invalid bytes at offset {})",
+                        e.utf8_error().valid_up_to()
+                    );
+                    return Ok(EXIT_PROBLEM);
                 }
             };
             let definitions = match crate::definitions::Definitions::parse(&shown, &text) {
@@ -732,6 +751,7 @@ async fn run(
         Command::Retry { run_id, db } => {
             let db = open_database(&settings, &db).await?;
             let done = db.retry_run(run_id).await;
+            let status = db.run_status(run_id).await;
             db.close().await;
             if done? {
                 println!(
@@ -739,8 +759,11 @@ async fn run(
                 );
                 Ok(0)
             } else {
-                eprintln!("error: run {run_id} does not exist or is not FAILED or CANCELLED");
-                Ok(EXIT_PROBLEM)
+                Ok(wrong_state(
+                    run_id,
+                    status?,
+                    "only a FAILED or CANCELLED run can be retried",
+                ))
             }
         }
         Command::Runs {
@@ -775,14 +798,18 @@ async fn run(
         }
         Command::Cancel { run_id, reason, db } => {
             let db = open_database(&settings, &db).await?;
-            let done = db.cancel_run(run_id, &reason).await?;
+            let done = db.cancel_run(run_id, &reason).await;
+            let status = db.run_status(run_id).await;
             db.close().await;
-            if done {
+            if done? {
                 println!("run {run_id} cancelled");
                 Ok(0)
             } else {
-                eprintln!("error: run {run_id} does not exist or has already finished");
-                Ok(EXIT_PROBLEM)
+                Ok(wrong_state(
+                    run_id,
+                    status?,
+                    "only a run that has not finished can be cancelled",
+                ))
             }
         }
         Command::TriggerManager { once, db, serve } => {
@@ -976,6 +1003,26 @@ async fn gaps(
     })
 }
 
+/// Says why an action on a run was refused: no such run (a usage error), or the state
+/// it is in (a problem).
+fn wrong_state(run_id: i64, status: Option<String>, rule: &str) -> u8 {
+    match status {
+        None => {
+            eprintln!("error: there is no run {run_id}");
+            EXIT_USAGE
+        }
+        Some(status) => {
+            let already = if matches!(status.as_str(), "CANCELLED" | "COMPLETED" | "FAILED") {
+                "already "
+            } else {
+                ""
+            };
+            eprintln!("error: run {run_id} is {already}{status}: {rule}");
+            EXIT_PROBLEM
+        }
+    }
+}
+
 /// Prints a one-shot cycle's report; exit 1 when it had errors.
 fn print_once<T: serde::Serialize>(report: &T, errors: usize) -> anyhow::Result<u8> {
     println!("{}", serde_json::to_string_pretty(report)?);
@@ -1149,6 +1196,7 @@ async fn health(settings: &Settings, service: Option<String>, json: bool) -> any
     let client = health::redis_client(&settings.redis).context("Redis settings")?;
     let keys = HealthKeys::default();
     let redis_at = format!("{}:{}", settings.redis.host, settings.redis.port);
+    let service_asked = service.is_some();
     let result = match service {
         Some(name) => health::service(&client, &keys, &name)
             .await
@@ -1170,7 +1218,14 @@ async fn health(settings: &Settings, service: Option<String>, json: bool) -> any
             .map(|s| {
                 let (state, reason) = match &s.health {
                     Health::Healthy => ("healthy", String::new()),
-                    Health::Down => ("down", String::new()),
+                    Health::Starting => ("starting", "no cycle finished yet".to_owned()),
+                    Health::Stopped { at } => {
+                        ("stopped", format!("stopped cleanly at {}", at.to_rfc3339()))
+                    }
+                    Health::Down => (
+                        "down",
+                        "no heartbeat: the process died or cannot reach Redis".to_owned(),
+                    ),
                     Health::Stale { reason } => ("stale", reason.clone()),
                 };
                 let st = s.status.as_ref();
@@ -1208,8 +1263,13 @@ async fn health(settings: &Settings, service: Option<String>, json: bool) -> any
             println!("no service reports to Redis at {redis_at}");
         }
     }
-    let all_healthy = !services.is_empty() && services.iter().all(|s| s.health == Health::Healthy);
-    Ok(if all_healthy { 0 } else { EXIT_PROBLEM })
+    // A service asked for by name must be running; in the whole report, a service that
+    // stopped cleanly is no alarm.
+    let ok = !services.is_empty()
+        && services.iter().all(|s| {
+            s.health.is_ok() && !(service_asked && matches!(s.health, Health::Stopped { .. }))
+        });
+    Ok(if ok { 0 } else { EXIT_PROBLEM })
 }
 
 async fn open_database(settings: &Settings, arg: &DatabaseArg) -> anyhow::Result<Database> {

@@ -32,6 +32,49 @@ pub enum ConfigError {
         expected: String,
         got: String,
     },
+    /// With `STRICT_SETTINGS = true`, keys that are no setting.
+    #[error("unknown setting(s), refused with STRICT_SETTINGS: {}", list_unknown(.0))]
+    Unknown(Vec<UnknownKey>),
+}
+
+/// A key of the settings that the product does not read (a typo, most likely).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnknownKey {
+    pub key: String,
+    pub origin: String,
+    /// The known key it most resembles, if any is close.
+    pub did_you_mean: Option<String>,
+}
+
+impl std::fmt::Display for UnknownKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (from {}) is not a setting", self.key, self.origin)?;
+        match &self.did_you_mean {
+            Some(known) => write!(f, "; did you mean {known}?"),
+            None => Ok(()),
+        }
+    }
+}
+
+fn list_unknown(keys: &[UnknownKey]) -> String {
+    keys.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Keys that are none of ours and no typo: Dynaconf's own.
+fn is_foreign(key: &str) -> bool {
+    key.ends_with("_FOR_DYNACONF") || key.starts_with("DYNACONF_")
+}
+
+/// The known key closest to `key`, when it is close enough to be a typo of it.
+fn nearest<'a>(key: &str, known: impl Iterator<Item = &'a String>) -> Option<String> {
+    known
+        .map(|k| (strsim::levenshtein(key, k), k))
+        .filter(|(d, _)| *d > 0 && *d <= 3 && *d * 3 <= key.len().max(3))
+        .min()
+        .map(|(_, k)| k.clone())
 }
 
 /// Where jobs run.
@@ -203,6 +246,9 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// The settings files that were read, in order.
     pub files: Vec<PathBuf>,
+    /// Keys of the settings that the product does not read (typos), with a suggestion.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown_keys: Vec<UnknownKey>,
 }
 
 impl Settings {
@@ -229,7 +275,13 @@ impl Settings {
         origins: &std::collections::BTreeMap<String, String>,
         ctx: &LoadContext,
     ) -> Result<Settings, ConfigError> {
-        let r = Reader { values, origins };
+        let read = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let r = Reader {
+            values,
+            origins,
+            read: &read,
+        };
+        let strict = r.boolean("STRICT_SETTINGS", false)?;
         let redis_port = r.port("REDIS_PORT", 6379)?;
         let hpc_backend = r.choice("HPC_BACKEND", HpcBackend::NAMES, HpcBackend::Local)?;
         // Apptainer is what production runs; the local backend is for development,
@@ -250,7 +302,7 @@ impl Settings {
                 &got,
             ));
         }
-        Ok(Settings {
+        let mut settings = Settings {
             env: ctx.environments().join(","),
             hpc_backend,
             pipeline_base_dir: r.string("PIPELINE_BASE_DIR", "/data/pipelines")?.into(),
@@ -311,7 +363,27 @@ impl Settings {
             metrics_address: r.listen_address("METRICS_ADDRESS")?,
             database: database_settings(&r, ctx)?,
             files: Vec::new(),
-        })
+            unknown_keys: Vec::new(),
+        };
+        let read = read.into_inner();
+        settings.unknown_keys = values
+            .keys()
+            .filter(|k| !read.contains(*k) && !is_foreign(k))
+            .map(|k| UnknownKey {
+                key: k.clone(),
+                origin: origins.get(k).cloned().unwrap_or_else(|| "settings".into()),
+                did_you_mean: nearest(k, read.iter()),
+            })
+            .collect();
+        if strict && !settings.unknown_keys.is_empty() {
+            return Err(ConfigError::Unknown(settings.unknown_keys));
+        }
+        for unknown in &settings.unknown_keys {
+            tracing::warn!(key = %unknown.key, origin = %unknown.origin,
+                did_you_mean = unknown.did_you_mean.as_deref().unwrap_or(""),
+                "{unknown}; it is ignored");
+        }
+        Ok(settings)
     }
 }
 
@@ -339,6 +411,7 @@ fn database_settings(r: &Reader<'_>, ctx: &LoadContext) -> Result<DatabaseSettin
     let r = Reader {
         values: &values,
         origins: &origins,
+        read: r.read,
     };
     let kind = r.string("DATABASE_TYPE", "sqlite")?.to_lowercase();
     match kind.as_str() {
@@ -393,6 +466,8 @@ fn check_volume(
 struct Reader<'a> {
     values: &'a Map<String, Value>,
     origins: &'a std::collections::BTreeMap<String, String>,
+    /// Every key asked for: the known keys, to tell unknown ones (typos) from them.
+    read: &'a std::cell::RefCell<std::collections::BTreeSet<String>>,
 }
 
 impl Reader<'_> {
@@ -415,6 +490,7 @@ impl Reader<'_> {
     }
 
     fn get(&self, key: &str) -> Option<&Value> {
+        self.read.borrow_mut().insert(key.to_owned());
         self.values.get(key).filter(|v| !v.is_null())
     }
 

@@ -54,15 +54,42 @@ pub enum DbError {
         source: sqlx::migrate::MigrateError,
     },
     #[error(
+        "{target}: {scheme:?} is not a database this product speaks: use a postgresql:// or \
+         sqlite:// URL"
+    )]
+    UnknownScheme { target: String, scheme: String },
+    #[error(
         "{target} has no deployment identity (table wfm_deployment): run `ccat-wfm db migrate`"
     )]
     NoDeployment { target: String },
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed: {}", plain(source))]
     Query {
         what: &'static str,
         #[source]
         source: sqlx::Error,
     },
+}
+
+/// A query error as an operator reads it: the server's message without its internal
+/// source position, and, where a table or column is missing, what to run.
+fn plain(error: &sqlx::Error) -> String {
+    let sqlx::Error::Database(e) = error else {
+        return error.to_string();
+    };
+    let message = e.message();
+    // PostgreSQL: undefined_table, undefined_column, undefined_function; SQLite says
+    // "no such table" / "no such column".
+    let missing = matches!(e.code().as_deref(), Some("42P01" | "42703" | "42883"))
+        || message.starts_with("no such table")
+        || message.starts_with("no such column");
+    if missing {
+        format!(
+            "{message} (the schema is not what this version needs: run `ccat-wfm db check`, \
+             or `ccat-wfm db migrate` for a database of its own)"
+        )
+    } else {
+        message.to_owned()
+    }
 }
 
 impl DbError {
@@ -149,7 +176,14 @@ impl Database {
             target: target.clone(),
             source,
         };
-        if url.starts_with("sqlite:") {
+        let scheme = url.split_once(':').map_or("", |(s, _)| s);
+        if !matches!(scheme, "sqlite" | "postgres" | "postgresql") {
+            return Err(DbError::UnknownScheme {
+                target,
+                scheme: scheme.to_owned(),
+            });
+        }
+        if scheme == "sqlite" {
             let options = SqliteConnectOptions::from_str(url).map_err(connect)?;
             check_sqlite_file(options.get_filename())?;
             let options = sqlite_options(options);

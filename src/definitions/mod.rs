@@ -193,16 +193,32 @@ impl Definitions {
                 message,
             })
         };
+        // A NUL anywhere: PostgreSQL's text cannot hold it.
+        let mut nul = Vec::new();
+        find_nul(
+            &serde_json::to_value(self).expect("definitions serialise"),
+            "",
+            &mut nul,
+        );
+        for path in nul {
+            err(format!("field {path}"), "contains a NUL character".into());
+        }
         let mut versions = known.software_versions.clone();
         let mut seen = BTreeSet::new();
         for s in &self.software {
-            let entry = format!("software {:?}", s.name);
+            let entry = format!("software {}", label(&s.name));
+            if let Err(e) = check_name(&s.name) {
+                err(format!("{entry}, field name"), e);
+            }
             if !seen.insert(&s.name) {
                 err(entry.clone(), "declared twice".into());
             }
             let mut seen_versions = BTreeSet::new();
             for v in &s.versions {
-                let entry = format!("{entry}, version {:?}", v.version);
+                let entry = format!("{entry}, version {}", label(&v.version));
+                if let Err(e) = check_name(&v.version) {
+                    err(format!("{entry}, field version"), e);
+                }
                 if !seen_versions.insert(&v.version) {
                     err(entry.clone(), "declared twice".into());
                 }
@@ -234,7 +250,10 @@ impl Definitions {
         let mut groupings = known.groupings.clone();
         let mut seen = BTreeSet::new();
         for g in &self.groupings {
-            let entry = format!("grouping {:?}", g.name);
+            let entry = format!("grouping {}", label(&g.name));
+            if let Err(e) = check_name(&g.name) {
+                err(format!("{entry}, field name"), e);
+            }
             if !seen.insert(&g.name) {
                 err(entry.clone(), "declared twice".into());
             }
@@ -245,9 +264,20 @@ impl Definitions {
         }
         let mut seen = BTreeSet::new();
         for p in &self.pipelines {
-            let entry = format!("pipeline {:?}", p.name);
+            let entry = format!("pipeline {}", label(&p.name));
+            if let Err(e) = check_name(&p.name) {
+                err(format!("{entry}, field name"), e);
+            }
             if !seen.insert(&p.name) {
                 err(entry.clone(), "declared twice".into());
+            }
+            if let Some(n) = p.max_active_runs
+                && n < 1
+            {
+                err(
+                    format!("{entry}, field max_active_runs"),
+                    format!("{n} is not a positive number of runs"),
+                );
             }
             if !groupings.contains(&p.grouping) {
                 err(
@@ -293,12 +323,40 @@ impl Definitions {
                     format!("{other:?} is not continuous, cron or manual"),
                 ),
             }
-            let names: BTreeSet<&String> = p.steps.iter().map(|s| &s.name).collect();
-            if names.len() != p.steps.len() {
-                err(entry.clone(), "two steps have the same name".into());
+            let mut names: BTreeSet<&String> = BTreeSet::new();
+            for s in &p.steps {
+                if !names.insert(&s.name) {
+                    err(
+                        format!("{entry}, step {}", label(&s.name)),
+                        "two steps have this name".into(),
+                    );
+                }
             }
             for s in &p.steps {
-                let entry = format!("{entry}, step {:?}", s.name);
+                let entry = format!("{entry}, step {}", label(&s.name));
+                if let Err(e) = check_name(&s.name) {
+                    err(format!("{entry}, field name"), e);
+                }
+                if s.max_retries < 0 {
+                    err(
+                        format!("{entry}, field max_retries"),
+                        format!("{} is negative", s.max_retries),
+                    );
+                }
+                if s.cooldown_seconds < 0 {
+                    err(
+                        format!("{entry}, field cooldown_seconds"),
+                        format!("{} is negative", s.cooldown_seconds),
+                    );
+                }
+                if s.cpu.is_some_and(|c| c < 1) {
+                    err(format!("{entry}, field cpu"), "must be at least 1".into());
+                }
+                for (field, value) in [("memory_gb", s.memory_gb), ("time_hours", s.time_hours)] {
+                    if value.is_some_and(|x| !(x.is_finite() && x > 0.0)) {
+                        err(format!("{entry}, field {field}"), "must be positive".into());
+                    }
+                }
                 if !versions
                     .get(&s.software)
                     .is_some_and(|v| v.contains(&s.version))
@@ -341,6 +399,66 @@ impl Definitions {
             }
         }
         errors
+    }
+}
+
+/// A name as error messages show it: quoted and escaped, and cut when very long.
+fn label(name: &str) -> String {
+    const SHOWN: usize = 60;
+    if name.chars().count() <= SHOWN {
+        format!("{name:?}")
+    } else {
+        let head: String = name.chars().take(SHOWN).collect();
+        format!("{head:?}… ({} characters)", name.chars().count())
+    }
+}
+
+/// Longest name of a software, version, grouping, pipeline or step, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+
+/// A name as the product uses it: in tables, paths, job names and logs.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a name"));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!("contains the control character U+{:04X}", c as u32));
+    }
+    let chars = name.chars().count();
+    if chars > MAX_NAME_CHARS {
+        return Err(format!(
+            "is {chars} characters long; at most {MAX_NAME_CHARS}"
+        ));
+    }
+    Ok(())
+}
+
+/// The paths (`pipeline[0].step[1].config.mode`) of strings holding a NUL character.
+fn find_nul(value: &Value, path: &str, found: &mut Vec<String>) {
+    match value {
+        Value::String(s) if s.contains('\0') => found.push(path.to_owned()),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                find_nul(item, &format!("{path}[{i}]"), found);
+            }
+        }
+        Value::Object(map) => {
+            for (key, item) in map {
+                let here = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                if key.contains('\0') {
+                    found.push(here.clone());
+                }
+                find_nul(item, &here, found);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -432,7 +550,7 @@ pub fn diff(current: &Definitions, wanted: &Definitions) -> Vec<Change> {
         Some(_) => {}
     };
     for s in &wanted.software {
-        let entry = format!("software {:?}", s.name);
+        let entry = format!("software {}", label(&s.name));
         let old = current.software.iter().find(|c| c.name == s.name);
         push(
             entry.clone(),
@@ -441,7 +559,7 @@ pub fn diff(current: &Definitions, wanted: &Definitions) -> Vec<Change> {
         for v in &s.versions {
             let old_v = old.and_then(|o| o.versions.iter().find(|c| c.version == v.version));
             push(
-                format!("{entry}, version {:?}", v.version),
+                format!("{entry}, version {}", label(&v.version)),
                 old_v.map(|o| changed_fields(o, v, &[])),
             );
         }
@@ -449,12 +567,12 @@ pub fn diff(current: &Definitions, wanted: &Definitions) -> Vec<Change> {
     for g in &wanted.groupings {
         let old = current.groupings.iter().find(|c| c.name == g.name);
         push(
-            format!("grouping {:?}", g.name),
+            format!("grouping {}", label(&g.name)),
             old.map(|o| changed_fields(o, g, &[])),
         );
     }
     for p in &wanted.pipelines {
-        let entry = format!("pipeline {:?}", p.name);
+        let entry = format!("pipeline {}", label(&p.name));
         let old = current.pipelines.iter().find(|c| c.name == p.name);
         let skip: &[&str] = match p.enabled {
             Some(_) => &["step"],
@@ -464,7 +582,7 @@ pub fn diff(current: &Definitions, wanted: &Definitions) -> Vec<Change> {
         for s in &p.steps {
             let old_s = old.and_then(|o| o.steps.iter().find(|c| c.name == s.name));
             push(
-                format!("{entry}, step {:?}", s.name),
+                format!("{entry}, step {}", label(&s.name)),
                 old_s.map(|o| changed_fields(o, s, &[])),
             );
         }

@@ -151,6 +151,7 @@ impl PySettings {
     fn __eq__(&self, other: &Self) -> bool {
         let values = |s: &config::Settings| config::Settings {
             files: Vec::new(),
+            unknown_keys: Vec::new(),
             ..s.clone()
         };
         values(&self.inner) == values(&other.inner)

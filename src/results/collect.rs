@@ -139,6 +139,16 @@ fn walk(
             ));
             continue;
         };
+        // A newline or an escape sequence in a registered name would break every listing
+        // and log line that shows it.
+        if let Some(c) = relative.chars().find(|c| c.is_control()) {
+            problems.push(format!(
+                "{}: refused: the name contains the control character U+{:04X}",
+                relative.escape_debug(),
+                c as u32
+            ));
+            continue;
+        }
         // symlink_metadata: the link itself, never what it points to.
         match entry.path().symlink_metadata() {
             Ok(meta) if meta.file_type().is_symlink() => problems.push(format!(
@@ -435,6 +445,26 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(
             problems.iter().all(|p| p.contains("not UTF-8")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn names_with_control_characters_lose_only_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = RunLayout::new(dir.path(), "p", "all", "cal", 1, 1);
+        std::fs::create_dir_all(layout.step_workspace()).unwrap();
+        for name in ["map\n.fits", "esc\x1b[31m.fits", "good.fits"] {
+            std::fs::write(layout.step_workspace().join(name), b"x").unwrap();
+        }
+        let (found, problems) = discover(&layout, false);
+        let paths: Vec<&str> = found.iter().map(|f| f.relative_path.as_str()).collect();
+        assert_eq!(paths, ["workspace/cal/good.fits"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.contains("control character") && !p.contains('\n')),
             "{problems:?}"
         );
     }

@@ -110,3 +110,10 @@ def test_ops_db_variables_reach_the_rust_side(clean_env):
     db = to_rust(make_settings()).as_dict()["database"]
     assert db["type"] == "postgresql" and db["host"] == "ops-db.example"
     assert db["password"] == "********"
+
+
+def test_a_malformed_settings_file_is_a_configuration_error_naming_it(clean_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "settings.toml").write_text("[default\nhpc_backend = 'slurm'\n")
+    with pytest.raises(ConfigurationError, match="settings.toml"):
+        to_rust(make_settings())

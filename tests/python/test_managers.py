@@ -390,6 +390,8 @@ def test_celery_dispatch_runs_submission_and_collection_in_a_prefork_worker(data
         "WORKER_HEALTH_NAME": f"test-worker-{uuid.uuid4()}",
     }.items():
         monkeypatch.setenv(f"CCAT_WORKFLOW_MANAGER_{key}", value)
+    import json
+
     import redis as redis_client
     import shutil
 
@@ -443,6 +445,12 @@ def test_celery_dispatch_runs_submission_and_collection_in_a_prefork_worker(data
         log, _ = worker.communicate(timeout=30)
     assert log.count("ccat_workflow_manager.tasks.submit_run[") >= 2, log
     assert "ForkPoolWorker" in log, log
-    # A clean shutdown removes the health key at once.
+    # A clean shutdown removes the health key at once and says so: `ccat-wfm health` lists
+    # the worker as stopped (not down), and the report stays green.
     assert r.get(health_key) is None
+    report = subprocess.run([exe, "health", "--json"], capture_output=True, text=True)
+    states = {s["service"]: s for s in json.loads(report.stdout)}
+    assert states[service]["state"] == "stopped", states[service]
+    assert states[service]["status"]["stopped_at"], states[service]
+    assert report.returncode == 0, (report, states)
     r.delete(health_key + ":status")

@@ -59,4 +59,15 @@ impl Database {
         })
         .map_err(DbError::query("enabling or disabling a pipeline"))
     }
+
+    /// A run's status (None: no such run).
+    pub async fn run_status(&self, run_id: i64) -> Result<Option<String>, DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT status FROM executed_reduction_step WHERE id = $1")
+                .bind(run_id)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(DbError::query("reading a run's status"))
+    }
 }
