@@ -1,8 +1,11 @@
 """Developer and CI tasks. `bash scripts/nox.sh -s tests` runs the whole test suite.
 
 Sessions:
-  tests  Rust tests on SQLite and PostgreSQL, then the wheel built, installed and tested
-         with pytest (services from scripts/services.sh).
+  tests  Rust tests on SQLite and PostgreSQL, then the wheel built (as `wheel` builds it),
+         installed and tested with pytest, then installed into a fresh virtualenv without
+         building anything, where its demo runs (services from scripts/services.sh).
+  wheel  the release wheel: manylinux2014 (glibc >= 2.17), abi3 (CPython >= 3.10), built
+         with maturin and zig into dist/, then checked as `tests` checks it.
   lint   rustfmt and clippy (warnings are errors), with and without the Python bindings.
   soak   the production layout under faults for minutes, then the data-safety invariants
          (scripts/soak.py), on the local backend and on SLURM; not run by CI, whose
@@ -21,6 +24,8 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import nox
@@ -48,14 +53,53 @@ def services_env(session: nox.Session) -> dict[str, str]:
     return env
 
 
+def build_wheel(session: nox.Session) -> Path:
+    """The release wheel into dist/: abi3 (one wheel for every CPython >= 3.10) and
+    manylinux2014 (glibc >= 2.17), linked by zig against that old glibc, which maturin's
+    compliance check then verifies; maturin and zig come from PyPI."""
+    session.install("maturin>=1.9.4,<2", "ziglang")
+    dist = ROOT / "dist"
+    for old in dist.glob("ccat_workflow_manager-*.whl"):
+        old.unlink()
+    session.run(
+        "maturin", "build", "--release", "--locked", "--zig",
+        "--compatibility", "manylinux2014", "--out", str(dist),
+    )
+    (wheel,) = dist.glob("ccat_workflow_manager-*-abi3-manylinux*.whl")
+    return wheel
+
+
+def check_wheel(session: nox.Session, wheel: Path) -> None:
+    """The wheel installs into a fresh virtualenv with nothing built (no compiler needed:
+    `--only-binary :all:`), and its `ccat-wfm demo` runs there to completion."""
+    with tempfile.TemporaryDirectory(prefix="ccat-wheel-") as tmp:
+        venv = Path(tmp) / "venv"
+        session.run(sys.executable, "-m", "venv", str(venv), external=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        # No compiler on PATH, and no source build allowed: only wheels install.
+        env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "CC": "/nonexistent/cc"}
+        session.run(*pip, "--only-binary", ":all:", str(wheel), external=True, env=env)
+        session.run(
+            str(venv / "bin" / "ccat-wfm"), "demo", "--dir", str(Path(tmp) / "demo"),
+            "--timeout", "300", external=True, env=env,
+        )
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     env = services_env(session)
     # Rust: unit tests, then integration tests against both databases.
     session.run("cargo", "test", "--locked", external=True, env=env)
-    # Python: the wheel exactly as users get it (pip builds it with maturin).
-    session.install(".[test]")
+    # Python: the release wheel, built once, exactly as users get it.
+    wheel = build_wheel(session)
+    session.install(f"{wheel}[test]")
     session.run("pytest", "-q", *session.posargs, env=env)
+    check_wheel(session, wheel)
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    check_wheel(session, build_wheel(session))
 
 
 @nox.session

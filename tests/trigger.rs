@@ -725,7 +725,12 @@ async fn incremental_cycles_create_what_a_full_evaluation_would_and_look_only_at
         let report = incremental_cycle(&mut evaluator, db, at, what).await;
         assert_eq!(report.pipelines[0].mode, trigger::Mode::Full, "{url}");
 
-        // A run is deleted by hand: the evaluator starts afresh and recreates it.
+        // A quiet cycle first: the new version's full evaluation is behind us.
+        let (what, at) = step("after the new version");
+        incremental_cycle(&mut evaluator, db, at, what).await;
+        // A run is deleted by hand: its tombstone names its sub-group, which alone is
+        // looked at again (incrementally), and the run is recreated as a cold
+        // evaluation would.
         common::exec(
             db,
             "DELETE FROM executed_reduction_step WHERE id = (SELECT MAX(id) FROM executed_reduction_step)",
@@ -735,6 +740,18 @@ async fn incremental_cycles_create_what_a_full_evaluation_would_and_look_only_at
         let (what, at) = step("run deleted");
         let report = incremental_cycle(&mut evaluator, db, at, what).await;
         assert_eq!(report.created(), 1, "{url}");
+        assert_eq!(
+            report.pipelines[0].mode,
+            trigger::Mode::Incremental,
+            "a deleted run is no reason to start afresh: {url}"
+        );
+        if exact {
+            assert!(
+                report.pipelines[0].sub_groups_evaluated <= 3,
+                "only the deleted run's sub-group and what depends on it: {:?} {url}",
+                report.pipelines[0]
+            );
+        }
     }
 }
 

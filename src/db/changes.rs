@@ -17,7 +17,9 @@ pub struct Changes {
     pub deleted_packages: Vec<i64>,
     /// `(step, sub-group key)` of runs written since the horizon.
     pub runs: Vec<(i64, String)>,
-    /// A run was deleted: the reader cannot tell which sub-groups that touched.
+    /// A run was deleted whose tombstone does not say which sub-group it belonged to
+    /// (one written before migration 0007): the reader must start afresh. Tombstones
+    /// that say so add their `(step, sub-group)` to [`Self::runs`].
     pub runs_deleted: bool,
 }
 
@@ -181,15 +183,15 @@ impl Database {
             });
         }
         let (deleted_packages, runs_deleted, runs) = on_pool!(self, pool => {
-            let tombstones: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT table_name, row_id FROM change_tombstone \
+            let tombstones: Vec<(String, i64, Option<i64>, Option<String>)> = sqlx::query_as(
+                "SELECT table_name, row_id, reduction_step_id, sub_group_key FROM change_tombstone \
                  WHERE change_mark >= $1 AND table_name IN ('raw_data_package', 'executed_reduction_step')",
             )
             .bind(horizon)
             .fetch_all(pool)
             .await
             .map_err(DbError::query("reading deletions"))?;
-            let runs: Vec<(i64, String)> = sqlx::query_as(
+            let mut runs: Vec<(i64, String)> = sqlx::query_as(
                 "SELECT reduction_step_id, sub_group_key FROM executed_reduction_step \
                  WHERE change_mark >= $1",
             )
@@ -199,10 +201,19 @@ impl Database {
             .map_err(DbError::query("finding changed runs"))?;
             let deleted: Vec<i64> = tombstones
                 .iter()
-                .filter(|(t, _)| t == "raw_data_package")
-                .map(|(_, id)| *id)
+                .filter(|(t, ..)| t == "raw_data_package")
+                .map(|(_, id, ..)| *id)
                 .collect();
-            let runs_deleted = tombstones.iter().any(|(t, _)| t == "executed_reduction_step");
+            let mut runs_deleted = false;
+            for (table, _, step, key) in tombstones {
+                if table == "executed_reduction_step" {
+                    match (step, key) {
+                        // The deleted run's sub-group is looked at again, like a changed run.
+                        (Some(step), Some(key)) => runs.push((step, key)),
+                        _ => runs_deleted = true,
+                    }
+                }
+            }
             Ok::<_, DbError>((deleted, runs_deleted, runs))
         })?;
         Ok(Changes {

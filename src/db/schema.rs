@@ -258,7 +258,14 @@ pub const TABLES: &[Table] = &[
     },
     Table {
         name: "change_tombstone",
-        columns: &["table_name", "row_id", "change_mark", "deleted_at"],
+        columns: &[
+            "table_name",
+            "row_id",
+            "change_mark",
+            "deleted_at",
+            "reduction_step_id",
+            "sub_group_key",
+        ],
     },
     Table {
         name: "celery_outbox",
@@ -310,7 +317,11 @@ pub const TRACKED_TABLES: &[&str] = &[
 const FILTERED_UPDATES: &[&str] = &["executed_reduction_step", "pipeline_trigger_state"];
 
 /// The change-tracking functions (PostgreSQL only).
-pub const CHANGE_TRACKING_FUNCTIONS: &[&str] = &["ccat_set_change_mark", "ccat_record_delete"];
+pub const CHANGE_TRACKING_FUNCTIONS: &[&str] = &[
+    "ccat_set_change_mark",
+    "ccat_record_delete",
+    "ccat_record_run_delete",
+];
 
 /// Every change-tracking trigger of one database, by name.
 pub fn change_tracking_triggers(dialect: super::Dialect) -> Vec<String> {
@@ -339,6 +350,8 @@ pub const POSTGRES_CHANGE_TRACKING_SQL: &str = concat!(
     include_str!("../../migrations/postgres/0003_change_tracking.sql"),
     "\n",
     include_str!("../../migrations/postgres/0006_bookkeeping_is_no_change.sql"),
+    "\n",
+    include_str!("../../migrations/postgres/0007_run_tombstones.sql"),
 );
 
 /// Tables only the SQLite schema has: its change clock (PostgreSQL uses transaction ids).

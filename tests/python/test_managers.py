@@ -41,7 +41,7 @@ def database(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "ops.sqlite"
     monkeypatch.setenv("CCAT_OPS_DB_DATABASE_SQLITE_DATABASE", str(path))
-    assert _core.migrate(Settings.load()) == [1, 2, 3, 4, 5, 6]
+    assert _core.migrate(Settings.load()) == [1, 2, 3, 4, 5, 6, 7]
     with sqlite3.connect(path) as conn:
         conn.executescript(SEED)
     return path
