@@ -239,6 +239,225 @@ pub fn render_trigger(f: &TriggerFigures) -> String {
     out
 }
 
+/// The figures of the trigger-manager on a mature archive (every sub-group of every step
+/// processed once), each from real cycles that create runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct MatureFigures {
+    pub packages: i64,
+    pub pipelines: i64,
+    pub runs: i64,
+    pub products: i64,
+    /// Building the archive and its history (through the product's own trigger cycles).
+    pub build_s: f64,
+    /// Plain queries reading the selected packages with their grouping columns, every
+    /// run's (step, sub-group, fingerprint, status) and the products' run ids (best of 3).
+    pub floor_ms: f64,
+    /// (a) A new evaluator's first cycle on the mature archive (a restart).
+    pub cold_ms: f64,
+    pub cold_created: usize,
+    /// (b) The running loop's cycles with nothing new (median of 5).
+    pub steady_ms: f64,
+    /// (c) After 100 new packages: the cycle creating their first-step runs, and the one
+    /// creating the next step's runs once those completed.
+    pub new_first_ms: f64,
+    pub new_first_created: usize,
+    pub new_downstream_ms: f64,
+    pub new_downstream_created: usize,
+    /// (d) A new software version for one pipeline: the cycle creating the bounded batch.
+    pub wave_ms: f64,
+    pub wave_created: usize,
+    pub wave_bound: usize,
+    /// (e) A run deleted by hand: the cycle that recreates it.
+    pub deleted_ms: f64,
+    pub deleted_created: usize,
+    /// The process's peak resident memory at the end.
+    pub peak_rss_mb: f64,
+}
+
+/// Builds a mature archive in a scratch PostgreSQL database — the synthetic archive and
+/// pipelines, then trigger cycles creating every run, each level completed (1 % failed
+/// for good, the rest with a SCIENCE and a LOG product) before the next, and 5 % of
+/// sub-groups given an older run — and times the cycles (a)–(e) of [`MatureFigures`]
+/// through the manager's own code path.
+pub async fn trigger_mature(bench: &TriggerBench) -> Result<MatureFigures, DbError> {
+    let name = format!("ccat_wfm_bench_mature_{}", bench.packages);
+    let url = scratch::recreate(&bench.admin_url, &name).await?;
+    let db = Database::connect_url(&url).await?;
+    let result = mature_on(&db, bench).await;
+    db.close().await;
+    if !bench.keep {
+        scratch::drop(&bench.admin_url, &name).await?;
+    }
+    result
+}
+
+async fn mature_on(db: &Database, bench: &TriggerBench) -> Result<MatureFigures, DbError> {
+    const BOUND: usize = 500;
+    db.migrate().await?;
+    let shape = ArchiveShape {
+        packages: bench.packages,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    db.generate_archive(&shape).await?;
+    db.install_synthetic_pipelines(bench.pipelines_per_module)
+        .await?;
+    db.analyze().await?;
+    let build = TriggerOptions {
+        processing_location_id: 1,
+        max_new_runs_per_pipeline: usize::MAX,
+        dry_run: false,
+        only_pipeline: None,
+        list_gaps: false,
+    };
+    // Each level of the pipelines (calibrate, baseline, map) completes before the next.
+    let mut builder = Evaluator::default();
+    loop {
+        let (_, report) = timed_cycle(&mut builder, db, &build).await?;
+        db.finish_pending_runs(100).await?;
+        db.analyze().await?;
+        if report.created() == 0 {
+            break;
+        }
+    }
+    drop(builder);
+    db.add_older_runs(20).await?;
+    db.analyze().await?;
+    let build_s = started.elapsed().as_secs_f64();
+    let (runs, products) = db.run_and_product_counts().await?;
+
+    let mut floor = Duration::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        db.read_floor().await?;
+        db.read_history_floor().await?;
+        floor = floor.min(started.elapsed());
+    }
+
+    let manager = TriggerOptions {
+        max_new_runs_per_pipeline: BOUND,
+        ..build
+    };
+    // (a) A restart: a new evaluator on the mature archive.
+    let mut evaluator = Evaluator::default();
+    let (cold, report) = timed_cycle(&mut evaluator, db, &manager).await?;
+    let cold_created = report.created();
+    // (b) The running loop, nothing new.
+    let mut quiet = Vec::new();
+    for _ in 0..5 {
+        let (elapsed, report) = timed_cycle(&mut evaluator, db, &manager).await?;
+        assert_eq!(report.created(), 0, "nothing new, nothing created");
+        quiet.push(elapsed);
+    }
+    quiet.sort();
+    // (c) New packages, then their downstream runs once their first runs completed.
+    db.append_packages(&shape, bench.packages + 1, bench.packages + 100)
+        .await?;
+    let (new_first, report) = timed_cycle(&mut evaluator, db, &manager).await?;
+    let new_first_created = report.created();
+    db.finish_pending_runs(i64::MAX).await?;
+    let (new_downstream, report) = timed_cycle(&mut evaluator, db, &manager).await?;
+    let new_downstream_created = report.created();
+    db.finish_pending_runs(i64::MAX).await?;
+    timed_cycle(&mut evaluator, db, &manager).await?;
+    db.finish_pending_runs(i64::MAX).await?;
+    timed_cycle(&mut evaluator, db, &manager).await?;
+    // (d) A new software version for one pipeline: a wave bounded per cycle.
+    db.new_version_for_pipeline(1).await?;
+    let (wave, report) = timed_cycle(&mut evaluator, db, &manager).await?;
+    let wave_created = report.created();
+    db.finish_pending_runs(i64::MAX).await?;
+    timed_cycle(&mut evaluator, db, &manager).await?;
+    // (e) A run deleted by hand.
+    db.delete_a_final_run().await?;
+    let (deleted, report) = timed_cycle(&mut evaluator, db, &manager).await?;
+    let deleted_created = report.created();
+    let (_, peak_rss_mb) = memory_mb();
+    Ok(MatureFigures {
+        packages: bench.packages,
+        pipelines: bench.pipelines_per_module * crate::db::synthetic::MODULES.len() as i64,
+        runs,
+        products,
+        build_s,
+        floor_ms: ms(floor),
+        cold_ms: ms(cold),
+        cold_created,
+        steady_ms: ms(quiet[quiet.len() / 2]),
+        new_first_ms: ms(new_first),
+        new_first_created,
+        new_downstream_ms: ms(new_downstream),
+        new_downstream_created,
+        wave_ms: ms(wave),
+        wave_created,
+        wave_bound: BOUND,
+        deleted_ms: ms(deleted),
+        deleted_created,
+        peak_rss_mb,
+    })
+}
+
+/// The mature-archive figures beside issue 16's goals, one line each.
+pub fn render_mature(f: &MatureFigures) -> String {
+    let at_scale = f.packages >= 1_000_000;
+    let verdict = |ok: bool| match (at_scale, ok) {
+        (false, _) => "(goal set at 1M packages)",
+        (true, true) => "met",
+        (true, false) => "NOT MET",
+    };
+    let mut out = format!(
+        "trigger-manager on a mature archive (PostgreSQL): {} packages, {} pipelines, {} runs, \
+         {} products; built in {:.1} s\n",
+        f.packages, f.pipelines, f.runs, f.products, f.build_s
+    );
+    out += &format!(
+        "  mature floor: packages, runs, products, plain  {:>9.1} ms\n",
+        f.floor_ms
+    );
+    out += &format!(
+        "  (a) cold start (new evaluator)                 {:>9.1} ms   goal <= 3x floor = {:.1} ms and < 6000 ms: {} ({} created)\n",
+        f.cold_ms,
+        3.0 * f.floor_ms,
+        verdict(f.cold_ms <= 3.0 * f.floor_ms && f.cold_ms < 6000.0),
+        f.cold_created
+    );
+    out += &format!(
+        "  (b) steady state, nothing new (median of 5)    {:>9.2} ms   goal < 5 ms: {}\n",
+        f.steady_ms,
+        verdict(f.steady_ms < 5.0)
+    );
+    out += &format!(
+        "  (c) 100 new packages: first-step runs          {:>9.1} ms   goal < 100 ms: {} ({} created)\n",
+        f.new_first_ms,
+        verdict(f.new_first_ms < 100.0),
+        f.new_first_created
+    );
+    out += &format!(
+        "      then the downstream runs                   {:>9.1} ms   goal < 100 ms: {} ({} created)\n",
+        f.new_downstream_ms,
+        verdict(f.new_downstream_ms < 100.0),
+        f.new_downstream_created
+    );
+    out += &format!(
+        "  (d) new software version for one pipeline      {:>9.1} ms   goal < 1000 ms: {} ({} created, bound {})\n",
+        f.wave_ms,
+        verdict(f.wave_ms < 1000.0),
+        f.wave_created,
+        f.wave_bound
+    );
+    out += &format!(
+        "  (e) a run deleted                              {:>9.1} ms   goal < 100 ms: {} ({} created)\n",
+        f.deleted_ms,
+        verdict(f.deleted_ms < 100.0),
+        f.deleted_created
+    );
+    out += &format!(
+        "  peak resident memory (whole process)           {:>9.1} MB   goal < 150 MB: {}\n",
+        f.peak_rss_mb,
+        verdict(f.peak_rss_mb < 150.0)
+    );
+    out
+}
+
 /// The figures of one publishing benchmark run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PublishFigures {

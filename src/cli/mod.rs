@@ -364,9 +364,11 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Time trigger cycles on a generated archive in a scratch PostgreSQL database:
-    /// first full cycle, no-change cycle, cycle after 100 new packages, against the
-    /// floor of one plain query reading the same packages.
+    /// Time trigger cycles on generated archives in scratch PostgreSQL databases: a fresh
+    /// one (first full cycle, no-change cycle, cycle after 100 new packages, against the
+    /// floor of one plain query reading the same packages), then a mature one (every
+    /// sub-group processed: a restart, the steady state, new packages and their
+    /// downstream runs, a reprocessing wave, a deleted run, against the mature floor).
     Trigger {
         /// PostgreSQL URL of a role that may create databases (a scratch database
         /// ccat_wfm_bench_<packages> is created and dropped).
@@ -616,17 +618,27 @@ async fn run(
                     json,
                 },
         } => {
-            let figures = crate::bench::trigger(&crate::bench::TriggerBench {
+            let bench = crate::bench::TriggerBench {
                 admin_url: database_url,
                 packages,
                 pipelines_per_module,
                 keep,
-            })
-            .await?;
+            };
+            // A fresh archive (no run yet), then a mature one (every sub-group processed).
+            let fresh = crate::bench::trigger(&bench).await?;
+            if !json {
+                print!("{}", crate::bench::render_trigger(&fresh));
+            }
+            let mature = crate::bench::trigger_mature(&bench).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&figures)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"fresh": fresh, "mature": mature})
+                    )?
+                );
             } else {
-                print!("{}", crate::bench::render_trigger(&figures));
+                print!("{}", crate::bench::render_mature(&mature));
             }
             Ok(0)
         }

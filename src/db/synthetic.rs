@@ -280,6 +280,174 @@ impl Database {
     }
 }
 
+/// A mature archive's run history, for the benchmark (PostgreSQL).
+impl Database {
+    /// Stands in for the jobs of every PENDING run: one in `failed_every` fails for good
+    /// (no product), the others complete with a SCIENCE and a LOG product. Returns the
+    /// runs completed and failed.
+    pub async fn finish_pending_runs(&self, failed_every: i64) -> Result<(u64, u64), DbError> {
+        let Database::Postgres(pool) = self else {
+            return Err(postgres_only());
+        };
+        let what = DbError::query("finishing the benchmark's runs");
+        let mut tx = pool.begin().await.map_err(what)?;
+        let failed = sqlx::query(
+            "UPDATE executed_reduction_step SET status = 'FAILED', retry_count = max_retries, \
+             error_message = 'benchmark: failed for good', finished_at = now() \
+             WHERE status = 'PENDING' AND id % $1 = 0",
+        )
+        .bind(failed_every)
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::query("failing the benchmark's runs"))?
+        .rows_affected();
+        let completed = sqlx::query(
+            "WITH done AS ( \
+                 UPDATE executed_reduction_step SET status = 'COMPLETED', finished_at = now() \
+                 WHERE status = 'PENDING' RETURNING id) \
+             INSERT INTO data_product (executed_reduction_step_id, name, product_type, \
+                                       relative_path, size_bytes, checksum) \
+             SELECT done.id, k.name, k.kind, k.dir || done.id, 1024, 'benchmark' \
+             FROM done CROSS JOIN (VALUES ('map', 'SCIENCE', 'output/science/map-'), \
+                                          ('log', 'LOG', 'output/logs/log-')) AS k(name, kind, dir)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::query("completing the benchmark's runs"))?
+        .rows_affected()
+            / 2;
+        tx.commit()
+            .await
+            .map_err(DbError::query("finishing the benchmark's runs"))?;
+        Ok((completed, failed))
+    }
+
+    /// One in `every` sub-groups of every step also ran before, under an older software
+    /// version (another fingerprint), as a mature archive's history has it.
+    pub async fn add_older_runs(&self, every: i64) -> Result<u64, DbError> {
+        let Database::Postgres(pool) = self else {
+            return Err(postgres_only());
+        };
+        sqlx::query(
+            "INSERT INTO executed_reduction_step (reduction_step_id, sub_group_key, sub_group, \
+               fingerprint, status, reduction_software_version_id, config_snapshot, created_at) \
+             SELECT reduction_step_id, sub_group_key, sub_group, 'older-' || fingerprint, \
+                    'COMPLETED', reduction_software_version_id, config_snapshot, \
+                    created_at - INTERVAL '90 days' \
+             FROM executed_reduction_step WHERE id % $1 = 0 AND status = 'COMPLETED'",
+        )
+        .bind(every)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(DbError::query("adding older runs"))
+    }
+
+    /// A new version of the software of `pipeline`'s first step, pinned (EXACT) by that
+    /// step alone: every sub-group of it becomes a gap, a reprocessing wave.
+    pub async fn new_version_for_pipeline(&self, pipeline: i64) -> Result<(), DbError> {
+        let Database::Postgres(pool) = self else {
+            return Err(postgres_only());
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO reduction_software_version (id, reduction_software_id, version, image_ref) \
+             SELECT (SELECT MAX(id) + 1 FROM reduction_software_version), s.reduction_software_id, \
+                    '9.0.0-pipeline-{pipeline}', 'bench:9' \
+             FROM reduction_step s WHERE s.pipeline_id = {pipeline} AND s.step_order = 0; \
+             UPDATE reduction_step SET version_policy = 'EXACT', \
+               reduction_software_version_id = (SELECT id FROM reduction_software_version \
+                 WHERE version = '9.0.0-pipeline-{pipeline}') \
+             WHERE pipeline_id = {pipeline} AND step_order = 0;"
+        )))
+        .execute(pool)
+        .await
+        .map(drop)
+        .map_err(DbError::query("releasing a new software version"))
+    }
+
+    /// Deletes one completed run of a last step (with its products), as an operator
+    /// cleaning up by hand would. Returns its id.
+    pub async fn delete_a_final_run(&self) -> Result<i64, DbError> {
+        let Database::Postgres(pool) = self else {
+            return Err(postgres_only());
+        };
+        let id: i64 = sqlx::query_scalar(
+            "SELECT r.id FROM executed_reduction_step r JOIN reduction_step s \
+               ON s.id = r.reduction_step_id \
+             WHERE r.status = 'COMPLETED' AND s.step_order = 2 ORDER BY r.id LIMIT 1",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(DbError::query("choosing a run to delete"))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM data_product WHERE executed_reduction_step_id = {id}; \
+             DELETE FROM executed_reduction_step WHERE id = {id};"
+        )))
+        .execute(pool)
+        .await
+        .map_err(DbError::query("deleting a run"))?;
+        Ok(id)
+    }
+
+    /// Runs and products in the database.
+    pub async fn run_and_product_counts(&self) -> Result<(i64, i64), DbError> {
+        on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT (SELECT COUNT(*) FROM executed_reduction_step), \
+                        (SELECT COUNT(*) FROM data_product)",
+            )
+            .fetch_one(pool)
+            .await
+        })
+        .map_err(DbError::query("counting runs and products"))
+    }
+
+    /// What any evaluation of a mature archive must read once, beyond the packages: every
+    /// run's (step, sub-group, fingerprint, status) and the run ids of the products,
+    /// streamed to the client. Returns the rows.
+    pub async fn read_history_floor(&self) -> Result<u64, DbError> {
+        use futures_util::TryStreamExt;
+        let Database::Postgres(pool) = self else {
+            return Err(postgres_only());
+        };
+        let mut count = 0u64;
+        let mut runs = sqlx::query_as::<_, (i64, String, String, String)>(
+            "SELECT reduction_step_id, sub_group_key, fingerprint, status \
+             FROM executed_reduction_step",
+        )
+        .fetch(pool);
+        while let Some(row) = runs
+            .try_next()
+            .await
+            .map_err(DbError::query("reading every run"))?
+        {
+            std::hint::black_box(row);
+            count += 1;
+        }
+        drop(runs);
+        let mut products = sqlx::query_scalar::<_, i64>(
+            "SELECT executed_reduction_step_id FROM data_product WHERE product_type <> 'LOG'",
+        )
+        .fetch(pool);
+        while let Some(row) = products
+            .try_next()
+            .await
+            .map_err(DbError::query("reading every product's run"))?
+        {
+            std::hint::black_box(row);
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+fn postgres_only() -> DbError {
+    DbError::Query {
+        what: "the mature-archive benchmark (PostgreSQL only)",
+        source: sqlx::Error::Protocol("not PostgreSQL".into()),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FillTable {
     Sources,
