@@ -91,28 +91,47 @@ fn gaps(report: &CycleReport) -> usize {
 /// "nothing changed" cycle is exactly that; a last cycle then creates runs as a manager's
 /// first cycle would.
 pub async fn trigger(bench: &TriggerBench) -> Result<TriggerFigures, DbError> {
-    let name = format!("ccat_wfm_bench_{}", bench.packages);
-    let url = scratch::recreate(&bench.admin_url, &name).await?;
+    in_scratch(
+        bench,
+        &format!("ccat_wfm_bench_{}", bench.packages),
+        async |db| trigger_on(db, bench).await,
+    )
+    .await
+}
+
+/// Runs `work` on a scratch database `name`, dropped afterwards unless `bench.keep`.
+async fn in_scratch<T>(
+    bench: &TriggerBench,
+    name: &str,
+    work: impl AsyncFnOnce(&Database) -> Result<T, DbError>,
+) -> Result<T, DbError> {
+    let url = scratch::recreate(&bench.admin_url, name).await?;
     let db = Database::connect_url(&url).await?;
-    let result = trigger_on(&db, bench).await;
+    let result = work(&db).await;
     db.close().await;
     if !bench.keep {
-        scratch::drop(&bench.admin_url, &name).await?;
+        scratch::drop(&bench.admin_url, name).await?;
     }
     result
 }
 
-async fn trigger_on(db: &Database, bench: &TriggerBench) -> Result<TriggerFigures, DbError> {
+/// The synthetic archive and pipelines of `bench` in `db` (migrated first), analysed.
+async fn synthetic_archive(db: &Database, bench: &TriggerBench) -> Result<ArchiveShape, DbError> {
     db.migrate().await?;
     let shape = ArchiveShape {
         packages: bench.packages,
         ..Default::default()
     };
-    let started = Instant::now();
     db.generate_archive(&shape).await?;
     db.install_synthetic_pipelines(bench.pipelines_per_module)
         .await?;
     db.analyze().await?;
+    Ok(shape)
+}
+
+async fn trigger_on(db: &Database, bench: &TriggerBench) -> Result<TriggerFigures, DbError> {
+    let started = Instant::now();
+    let shape = synthetic_archive(db, bench).await?;
     let generate_s = started.elapsed().as_secs_f64();
 
     let mut floor = Duration::MAX;
@@ -280,29 +299,18 @@ pub struct MatureFigures {
 /// sub-groups given an older run — and times the cycles (a)–(e) of [`MatureFigures`]
 /// through the manager's own code path.
 pub async fn trigger_mature(bench: &TriggerBench) -> Result<MatureFigures, DbError> {
-    let name = format!("ccat_wfm_bench_mature_{}", bench.packages);
-    let url = scratch::recreate(&bench.admin_url, &name).await?;
-    let db = Database::connect_url(&url).await?;
-    let result = mature_on(&db, bench).await;
-    db.close().await;
-    if !bench.keep {
-        scratch::drop(&bench.admin_url, &name).await?;
-    }
-    result
+    in_scratch(
+        bench,
+        &format!("ccat_wfm_bench_mature_{}", bench.packages),
+        async |db| mature_on(db, bench).await,
+    )
+    .await
 }
 
 async fn mature_on(db: &Database, bench: &TriggerBench) -> Result<MatureFigures, DbError> {
     const BOUND: usize = 500;
-    db.migrate().await?;
-    let shape = ArchiveShape {
-        packages: bench.packages,
-        ..Default::default()
-    };
     let started = Instant::now();
-    db.generate_archive(&shape).await?;
-    db.install_synthetic_pipelines(bench.pipelines_per_module)
-        .await?;
-    db.analyze().await?;
+    let shape = synthetic_archive(db, bench).await?;
     let build = TriggerOptions {
         processing_location_id: 1,
         max_new_runs_per_pipeline: usize::MAX,

@@ -37,21 +37,26 @@ pub struct NewProduct<'a> {
     pub quality_metrics: Option<&'a Value>,
 }
 
+/// A run to collect, with what its collection needs (a constant: only it is spliced in).
+const COLLECT_RUN: &str = "\
+    SELECT r.id, p.name AS pipeline_name, r.sub_group_key, s.name AS step_name, \
+           r.retry_count, p.processing_location_id, s.allow_empty_output, \
+           r.exit_code, r.wall_time_seconds, r.cpu_hours, r.peak_memory_gb, \
+           NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
+                       WHERE d.depends_on_step_id = s.id) AS is_final \
+    FROM executed_reduction_step r \
+    JOIN reduction_step s ON s.id = r.reduction_step_id \
+    JOIN pipeline p ON p.id = s.pipeline_id";
+
 impl Database {
     /// Runs whose job succeeded and whose outputs wait to be collected, at `location`.
     pub async fn collecting_runs(&self, location: i64) -> Result<Vec<CollectRun>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
-                "SELECT r.id, p.name AS pipeline_name, r.sub_group_key, s.name AS step_name, \
-                        r.retry_count, p.processing_location_id, s.allow_empty_output, \
-                        r.exit_code, r.wall_time_seconds, r.cpu_hours, r.peak_memory_gb, \
-                        NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
-                                    WHERE d.depends_on_step_id = s.id) AS is_final \
-                 FROM executed_reduction_step r \
-                 JOIN reduction_step s ON s.id = r.reduction_step_id \
-                 JOIN pipeline p ON p.id = s.pipeline_id \
-                 WHERE r.status = 'COLLECTING_RESULTS' AND p.processing_location_id = $1 \
-                 ORDER BY r.id",
+                sqlx::AssertSqlSafe(format!(
+                    "{COLLECT_RUN} WHERE r.status = 'COLLECTING_RESULTS' \
+                     AND p.processing_location_id = $1 ORDER BY r.id"
+                )),
             )
             .bind(location)
             .fetch_all(pool)
@@ -69,16 +74,10 @@ impl Database {
     ) -> Result<Option<CollectRun>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
-                "SELECT r.id, p.name AS pipeline_name, r.sub_group_key, s.name AS step_name, \
-                        r.retry_count, p.processing_location_id, s.allow_empty_output, \
-                        r.exit_code, r.wall_time_seconds, r.cpu_hours, r.peak_memory_gb, \
-                        NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
-                                    WHERE d.depends_on_step_id = s.id) AS is_final \
-                 FROM executed_reduction_step r \
-                 JOIN reduction_step s ON s.id = r.reduction_step_id \
-                 JOIN pipeline p ON p.id = s.pipeline_id \
-                 WHERE r.status = 'COLLECTING_RESULTS' AND r.id = $1 \
-                   AND p.processing_location_id = $2",
+                sqlx::AssertSqlSafe(format!(
+                    "{COLLECT_RUN} WHERE r.status = 'COLLECTING_RESULTS' AND r.id = $1 \
+                     AND p.processing_location_id = $2"
+                )),
             )
             .bind(run_id)
             .bind(location)

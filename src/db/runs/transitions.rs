@@ -8,6 +8,18 @@ use super::super::outbox::{Handoff, insert_handoff};
 use super::super::{Database, DbError, Dialect, on_pool};
 use super::{ActiveJob, RunMetrics, retry_backoff, without_nul};
 
+/// A run whose job is followed (a constant: only it is spliced in). The job id is empty
+/// for a run with only a submission intent.
+const ACTIVE_JOB: &str = "\
+    SELECT r.id, r.status, COALESCE(r.hpc_job_id, '') AS hpc_job_id, \
+           p.name AS pipeline_name, r.sub_group_key, s.name AS step_name, r.retry_count, \
+           r.submitted_at, \
+           NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
+                       WHERE d.depends_on_step_id = s.id) AS is_final \
+    FROM executed_reduction_step r \
+    JOIN reduction_step s ON s.id = r.reduction_step_id \
+    JOIN pipeline p ON p.id = s.pipeline_id";
+
 impl Database {
     /// Records the intent to submit, before the backend is called: from here on a
     /// restart looks for the job by its tag instead of submitting again.
@@ -165,16 +177,10 @@ impl Database {
     ) -> Result<Vec<ActiveJob>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
-                "SELECT r.id, r.status, r.hpc_job_id, p.name AS pipeline_name, r.sub_group_key, \
-                        s.name AS step_name, r.retry_count, r.submitted_at, \
-                        NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
-                                    WHERE d.depends_on_step_id = s.id) AS is_final \
-                 FROM executed_reduction_step r \
-                 JOIN reduction_step s ON s.id = r.reduction_step_id \
-                 JOIN pipeline p ON p.id = s.pipeline_id \
-                 WHERE r.hpc_backend = $1 AND r.status IN ('SUBMITTED', 'RUNNING') \
-                   AND r.hpc_job_id IS NOT NULL AND p.processing_location_id = $2 \
-                 ORDER BY r.id",
+                sqlx::AssertSqlSafe(format!(
+                    "{ACTIVE_JOB} WHERE r.hpc_backend = $1 AND r.status IN ('SUBMITTED', 'RUNNING') \
+                     AND r.hpc_job_id IS NOT NULL AND p.processing_location_id = $2 ORDER BY r.id"
+                )),
             )
             .bind(backend)
             .bind(location)
@@ -287,18 +293,11 @@ impl Database {
     ) -> Result<Vec<ActiveJob>, DbError> {
         on_pool!(self, pool => {
             sqlx::query_as(
-                "SELECT r.id, r.status, COALESCE(r.hpc_job_id, '') AS hpc_job_id, \
-                        p.name AS pipeline_name, r.sub_group_key, \
-                        s.name AS step_name, r.retry_count, r.submitted_at, \
-                        NOT EXISTS (SELECT 1 FROM reduction_step_dependency d \
-                                    WHERE d.depends_on_step_id = s.id) AS is_final \
-                 FROM executed_reduction_step r \
-                 JOIN reduction_step s ON s.id = r.reduction_step_id \
-                 JOIN pipeline p ON p.id = s.pipeline_id \
-                 WHERE r.hpc_backend = $1 AND r.status = 'CANCELLED' \
-                   AND (r.hpc_job_id IS NOT NULL OR r.submitted_at IS NOT NULL) \
-                   AND r.finished_at IS NULL \
-                   AND p.processing_location_id = $2 ORDER BY r.id",
+                sqlx::AssertSqlSafe(format!(
+                    "{ACTIVE_JOB} WHERE r.hpc_backend = $1 AND r.status = 'CANCELLED' \
+                     AND (r.hpc_job_id IS NOT NULL OR r.submitted_at IS NOT NULL) \
+                     AND r.finished_at IS NULL AND p.processing_location_id = $2 ORDER BY r.id"
+                )),
             )
             .bind(backend)
             .bind(location)
