@@ -360,16 +360,25 @@ class Watcher(threading.Thread):
                 if name.startswith("ccat-"):
                     self.jobs[name].add(job)
         else:
+            wrappers: dict[str, tuple[str, str]] = {}  # pid -> (attempt, parent pid)
             for pid in os.listdir("/proc"):
                 if not pid.isdigit():
                     continue
                 try:
                     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                except OSError:
+                    # Field 4 of stat, after the parenthesised command name.
+                    parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                except (OSError, IndexError):
                     continue
                 if b"job-wrapper" in argv and b"--dir" in argv:
                     attempt = argv[argv.index(b"--dir") + 1].decode(errors="replace")
-                    self.jobs[attempt].add(pid)
+                    wrappers[pid] = (attempt, parent)
+            for pid, (attempt, parent) in wrappers.items():
+                # A wrapper's child between fork and exec still shows the wrapper's
+                # command line: it is that job, not a second one.
+                if wrappers.get(parent, (None,))[0] == attempt:
+                    continue
+                self.jobs[attempt].add(pid)
 
 
 class Soak:
