@@ -117,7 +117,7 @@ pub fn job_manifest(spec: &JobSpec, options: &KubernetesOptions) -> Result<Job, 
             labels: Some(labels.clone()),
             annotations: Some(BTreeMap::from([(
                 TOKEN_ANNOTATION.to_owned(),
-                format!("{}:{}", spec.tag, spec.nonce),
+                spec.token(),
             )])),
             ..Default::default()
         },
@@ -506,7 +506,7 @@ impl super::Backend for KubernetesBackend {
                     .get(&spec.tag)
                     .await
                     .map_err(|e| api_error("reading the existing Job", e))?;
-                if token_of(&existing) == Some(format!("{}:{}", spec.tag, spec.nonce).as_str()) {
+                if token_of(&existing) == Some(spec.token().as_str()) {
                     Ok(spec.tag.clone())
                 } else {
                     Err(BackendError::Invalid(format!(

@@ -80,6 +80,12 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// What the job carries to be recognised as this attempt's: `{tag}:{nonce}` (see
+    /// [`AttemptIdentity::token`]).
+    pub fn token(&self) -> String {
+        format!("{}:{}", self.tag, self.nonce)
+    }
+
     /// The combined stdout/stderr of the job.
     pub fn log_path(&self) -> PathBuf {
         self.attempt_dir.join(JOB_LOG)
@@ -133,11 +139,14 @@ impl AttemptIdentity {
         format!("{}:{}", self.tag, self.nonce)
     }
 
+    /// The identity recorded in `attempt_dir` if it was made for `tag`.
+    pub fn read_for(tag: &str, attempt_dir: &std::path::Path) -> Option<Self> {
+        Self::read(attempt_dir).filter(|id| id.tag == tag)
+    }
+
     /// The token of the attempt in `attempt_dir` if it was made for `tag`.
     pub fn token_for(tag: &str, attempt_dir: &std::path::Path) -> Option<String> {
-        Self::read(attempt_dir)
-            .filter(|id| id.tag == tag)
-            .map(|id| id.token())
+        Self::read_for(tag, attempt_dir).map(|id| id.token())
     }
 }
 

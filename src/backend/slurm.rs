@@ -43,10 +43,15 @@ pub struct ExitRecord {
 impl ExitRecord {
     /// The record in `attempt_dir`, if it is that of job `job_id` of this attempt.
     pub fn read(attempt_dir: &Path, job_id: &str) -> Option<Self> {
+        let record = Self::read_any(attempt_dir)?;
         let token = super::AttemptIdentity::read(attempt_dir)?.token();
-        let text = std::fs::read_to_string(attempt_dir.join(EXIT_FILE)).ok()?;
-        let record: ExitRecord = serde_json::from_str(&text).ok()?;
         (record.job == token && record.job_id == job_id).then_some(record)
+    }
+
+    /// Whatever record `attempt_dir` holds.
+    fn read_any(attempt_dir: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(attempt_dir.join(EXIT_FILE)).ok()?;
+        serde_json::from_str(&text).ok()
     }
 
     fn metrics(&self) -> JobMetrics {
@@ -72,15 +77,14 @@ fn log_header(token: &str, job_id: &str) -> String {
 /// The SLURM id of the job whose batch script started in `attempt_dir` for `token`, as
 /// it recorded itself (its exit record, or the head line of its log).
 fn recorded_job_id(attempt_dir: &Path, token: &str) -> Option<String> {
-    if let Ok(text) = std::fs::read_to_string(attempt_dir.join(EXIT_FILE))
-        && let Ok(record) = serde_json::from_str::<ExitRecord>(&text)
+    if let Some(record) = ExitRecord::read_any(attempt_dir)
         && record.job == token
         && is_job_id(&record.job_id)
     {
         return Some(record.job_id);
     }
     let head = super::read_head(&attempt_dir.join(super::JOB_LOG), 4096)?;
-    let prefix = format!("ccat-wfm: job {token} is SLURM job ");
+    let prefix = log_header(token, "");
     head.lines()
         .filter_map(|line| line.strip_prefix(&prefix))
         .find(|id| is_job_id(id))
@@ -164,7 +168,7 @@ impl SlurmBackend {
             "--parsable".to_owned(),
             format!("--job-name={}", spec.tag),
             // The attempt's token: a job found by its name is adopted only with it.
-            format!("--comment={}:{}", spec.tag, spec.nonce),
+            format!("--comment={}", spec.token()),
             format!("--output={}", spec.log_path().display()),
             "--open-mode=append".to_owned(),
             format!("--chdir={}", spec.attempt_dir.display()),
@@ -275,7 +279,7 @@ pub fn batch_script(spec: &JobSpec) -> Result<String, String> {
             .map(|q| q.into_owned())
             .map_err(|_| format!("a NUL byte in {s:?} cannot be passed to a job"))
     };
-    let token = format!("{}:{}", spec.tag, spec.nonce);
+    let token = spec.token();
     let mut script = format!("#!/bin/sh\n# {} (ccat-workflow-manager)\n", spec.tag);
     script.push_str(&format!(
         "echo {}\"$SLURM_JOB_ID\"\n",
@@ -537,12 +541,15 @@ impl Backend for SlurmBackend {
         for job in jobs {
             let record = || ExitRecord::read(&job.attempt_dir, &job.job_id);
             let state = match known.get(&job.job_id) {
-                Some(state) => {
-                    // The controller's word on the state; the job's own record gives the
-                    // exit code and times, which squeue does not show.
-                    let metrics = record().map(|r| r.metrics()).unwrap_or_default();
-                    map_state(state, metrics)
-                }
+                Some(state) => match map_state(state, JobMetrics::default()) {
+                    // The controller's word on the state; for a job that ended, the job's
+                    // own record gives the exit code and times, which squeue does not
+                    // show (read only then: not a file per running job and cycle).
+                    ended if ended.is_final() => {
+                        map_state(state, record().map(|r| r.metrics()).unwrap_or_default())
+                    }
+                    going => going,
+                },
                 None => match accounted.get(&job.job_id) {
                     Some(state) => state.clone(),
                     None => record().map_or(JobState::Vanished, |r| r.state()),

@@ -251,13 +251,7 @@ impl<B: Backend> ResultManager<B> {
                     Utc::now(),
                 )
                 .await?;
-            if status.is_some() {
-                crate::metrics::count_runs(crate::metrics::RUNS_FAILED, &run.pipeline_name, 1);
-                report.failed += 1;
-                if status.as_deref() == Some("PENDING") {
-                    report.retried += 1;
-                }
-            }
+            count_failure(report, &run.pipeline_name, status);
             return Ok(());
         }
         let products: Vec<NewProduct<'_>> = collected
@@ -403,11 +397,15 @@ impl<B: Backend> ResultManager<B> {
                     }
                 }
                 JobState::Failed { reason, metrics: m } => {
-                    count_failure(report, job, fail(reason, metrics(&m)).await?);
+                    count_failure(report, &job.pipeline_name, fail(reason, metrics(&m)).await?);
                 }
                 JobState::Cancelled => {
                     let reason = "the job was cancelled on the backend".to_owned();
-                    count_failure(report, job, fail(reason, RunMetrics::default()).await?);
+                    count_failure(
+                        report,
+                        &job.pipeline_name,
+                        fail(reason, RunMetrics::default()).await?,
+                    );
                 }
                 JobState::Vanished => {
                     let recent = job
@@ -419,7 +417,11 @@ impl<B: Backend> ResultManager<B> {
                             job.hpc_job_id,
                             self.backend.name()
                         );
-                        count_failure(report, job, fail(reason, RunMetrics::default()).await?);
+                        count_failure(
+                            report,
+                            &job.pipeline_name,
+                            fail(reason, RunMetrics::default()).await?,
+                        );
                     }
                 }
             }
@@ -437,7 +439,8 @@ pub async fn while_renewing<T>(
     work: impl std::future::Future<Output = T>,
 ) -> T {
     tokio::pin!(work);
-    let mut ticks = tokio::time::interval(every);
+    // The first renewal after `every`: a short collection costs no write at all.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -460,9 +463,9 @@ fn metrics(m: &crate::backend::JobMetrics) -> RunMetrics {
     }
 }
 
-fn count_failure(report: &mut ResultReport, job: &ActiveJob, status: Option<String>) {
+fn count_failure(report: &mut ResultReport, pipeline: &str, status: Option<String>) {
     if status.is_some() {
-        crate::metrics::count_runs(crate::metrics::RUNS_FAILED, &job.pipeline_name, 1);
+        crate::metrics::count_runs(crate::metrics::RUNS_FAILED, pipeline, 1);
     }
     match status.as_deref() {
         Some("PENDING") => {

@@ -129,9 +129,7 @@ const SUBMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(240);
 /// path) or none at all is set aside first, so that no record in it (a pid, an exit
 /// status, a log) is ever read as this attempt's.
 fn attempt_identity(attempt_dir: &Path, tag: &str) -> std::io::Result<AttemptIdentity> {
-    if let Some(identity) = AttemptIdentity::read(attempt_dir)
-        && identity.tag == tag
-    {
+    if let Some(identity) = AttemptIdentity::read_for(tag, attempt_dir) {
         return Ok(identity);
     }
     if attempt_dir.exists() {
@@ -360,13 +358,9 @@ impl<B: Backend> WorkflowManager<B> {
         let aside = layout.attempt_dir().join("previous-output");
         // A link planted above or at the output directory is set aside first: neither
         // products nor leftovers are ever moved through it.
-        if outputs::first_link(&layout.root, &out)
-            .map_err(|e| RunError::Transient(format!("checking the output directory: {e}")))?
-            .is_some()
-        {
-            outputs::move_leftovers(&layout.root, &out, &aside).map_err(|e| {
-                RunError::Transient(format!("setting aside a link in the output path: {e}"))
-            })?;
+        if outputs::set_aside_link(&layout.root, &out, &aside).map_err(|e| {
+            RunError::Transient(format!("setting aside a link in the output path: {e}"))
+        })? {
             tracing::warn!("a symbolic link in the output directory's path set aside");
         }
         let copies = self
@@ -826,10 +820,11 @@ pub async fn preview_job(
         .run_product_input_copies(run.id, run.processing_location_id)
         .await?;
     let tag = job_tag(&deployment_tag_prefix(db).await?, run.id, run.attempt());
-    let identity =
-        AttemptIdentity::read(&run_layout(&options.pipeline_base_dir, &run).attempt_dir())
-            .filter(|id| id.tag == tag)
-            .unwrap_or_else(|| AttemptIdentity::new(&tag));
+    let identity = AttemptIdentity::read_for(
+        &tag,
+        &run_layout(&options.pipeline_base_dir, &run).attempt_dir(),
+    )
+    .unwrap_or_else(|| AttemptIdentity::new(&tag));
     Ok(Some(plan_job(
         options,
         &identity,

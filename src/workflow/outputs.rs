@@ -58,21 +58,26 @@ pub fn first_link(root: &Path, path: &Path) -> io::Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// Moves the first link on the way from `root` to `dir` (the link itself, never what it
+/// points to) into `dest` as `<name>.link`. True when there was one.
+pub fn set_aside_link(root: &Path, dir: &Path, dest: &Path) -> io::Result<bool> {
+    let Some(link) = first_link(root, dir)? else {
+        return Ok(false);
+    };
+    create_dirs(dest)?;
+    let mut target = dest.join(link.file_name().unwrap_or_default());
+    target.as_mut_os_string().push(".link");
+    std::fs::rename(&link, &target).map_err(with_path(&link))?;
+    Ok(true)
+}
+
 /// Moves every entry of `dir` that holds anything into `dest` (created when needed);
 /// empty directories stay. Returns how many entries were moved.
 ///
 /// A link at `dir` or at any of its components below `root` is itself what is moved
-/// (the link, never what it points to), so nothing is renamed through it.
+/// ([`set_aside_link`]), so nothing is renamed through it.
 pub fn move_leftovers(root: &Path, dir: &Path, dest: &Path) -> io::Result<usize> {
-    if let Some(link) = first_link(root, dir)? {
-        create_dirs(dest)?;
-        let name = link
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        let mut target = dest.join(&name);
-        target.as_mut_os_string().push(".link");
-        std::fs::rename(&link, &target).map_err(with_path(&link))?;
+    if set_aside_link(root, dir, dest)? {
         return Ok(1);
     }
     let entries = match std::fs::read_dir(dir) {
