@@ -953,24 +953,24 @@ async fn gaps(
         eprintln!("error: no pipeline named {name:?}");
         return Ok(EXIT_USAGE);
     }
-    let report = trigger::run_cycle(
-        db,
-        &TriggerOptions {
-            only_pipeline: pipeline,
-            ..TriggerOptions::from_settings(settings, true)
-        },
-        Utc::now(),
-    )
-    .await?;
-    if json {
-        // Written as it is serialised: the text of hundreds of thousands of gaps is never
-        // held whole.
-        use std::io::Write;
-        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-        out.flush()?;
+    let options = TriggerOptions {
+        only_pipeline: pipeline,
+        ..TriggerOptions::from_settings(settings, true)
+    };
+    let mut evaluator = trigger::Evaluator::default();
+    let report = if json {
+        // Each gap written as it is found: hundreds of thousands of gaps are never held.
+        let out = std::io::BufWriter::new(std::io::stdout());
+        let mut streamed = views::StreamedGaps::new(out);
+        let report = evaluator
+            .cycle_streaming(db, &options, Utc::now(), &mut streamed)
+            .await?;
+        streamed.finish(&report)?;
+        report
     } else {
+        evaluator.cycle(db, &options, Utc::now()).await?
+    };
+    if !json {
         let rows: Vec<Vec<String>> = report
             .pipelines
             .iter()

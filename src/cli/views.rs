@@ -414,6 +414,97 @@ pub(super) fn print_product_lineage(lineage: &crate::db::lineage::ProductLineage
     println!("\nraw data packages: {}", names.join(", "));
 }
 
+/// `ccat-wfm gaps --json`: the cycle's report written while the cycle runs, each gap as
+/// it is found, so that memory does not grow with their number. The document is the
+/// report's JSON (each pipeline's `gaps` first, then its other fields), a gap a line.
+pub(super) struct StreamedGaps<W: std::io::Write> {
+    out: W,
+    pipelines: usize,
+    /// Gaps written in the pipeline being evaluated; None before its first.
+    gaps: Option<usize>,
+    /// The first write that failed (a closed pipe): later writes are skipped.
+    error: Option<std::io::Error>,
+}
+
+impl<W: std::io::Write> StreamedGaps<W> {
+    pub(super) fn new(out: W) -> Self {
+        let mut this = StreamedGaps {
+            out,
+            pipelines: 0,
+            gaps: None,
+            error: None,
+        };
+        this.write(|out| out.write_all(b"{\"pipelines\": ["));
+        this
+    }
+
+    fn write(&mut self, f: impl FnOnce(&mut W) -> std::io::Result<()>) {
+        if self.error.is_none()
+            && let Err(e) = f(&mut self.out)
+        {
+            self.error = Some(e);
+        }
+    }
+
+    /// `, "key": value` for each field of `value` but `skip` (an object).
+    fn fields(out: &mut W, value: impl serde::Serialize, skip: &str) -> std::io::Result<()> {
+        if let Value::Object(map) = serde_json::to_value(value)? {
+            for (key, value) in map.iter().filter(|(k, _)| *k != skip) {
+                write!(out, ", {}: {value}", Value::from(key.as_str()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_pipeline(&mut self) {
+        if self.gaps.is_none() {
+            let comma = if self.pipelines > 0 { "," } else { "" };
+            self.write(|out| write!(out, "{comma}\n{{\"gaps\": ["));
+            self.gaps = Some(0);
+        }
+    }
+
+    /// Closes the document with the cycle's other fields; the writer, or the first
+    /// write error.
+    pub(super) fn finish(mut self, report: &crate::trigger::CycleReport) -> std::io::Result<W> {
+        self.write(|out| {
+            out.write_all(b"\n]")?;
+            Self::fields(out, report, "pipelines")?;
+            out.write_all(b"}\n")?;
+            out.flush()
+        });
+        self.error.map_or(Ok(self.out), Err)
+    }
+}
+
+impl<W: std::io::Write + Send> crate::trigger::GapSink for StreamedGaps<W> {
+    fn gap(&mut self, gap: crate::trigger::Gap) {
+        self.open_pipeline();
+        let comma = if matches!(self.gaps, Some(n) if n > 0) {
+            ","
+        } else {
+            ""
+        };
+        self.write(|out| {
+            writeln!(out, "{comma}")?;
+            serde_json::to_writer(&mut *out, &gap)?;
+            Ok(())
+        });
+        self.gaps = self.gaps.map(|n| n + 1);
+    }
+
+    fn pipeline_done(&mut self, report: &crate::trigger::PipelineReport) {
+        self.open_pipeline();
+        self.write(|out| {
+            out.write_all(b"\n]")?;
+            Self::fields(out, report, "gaps")?;
+            out.write_all(b"}")
+        });
+        self.gaps = None;
+        self.pipelines += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,5 +516,64 @@ mod tests {
             printable("a\u{1b}]0;pwned\u{7}b"),
             "a\\u{1b}]0;pwned\\u{7}b"
         );
+    }
+
+    use crate::trigger::{CycleReport, Gap, GapReason, GapSink, PipelineReport};
+
+    fn gap(pipeline: &str, key: &str) -> Gap {
+        Gap {
+            pipeline: pipeline.into(),
+            step: "calibrate".into(),
+            sub_group_key: key.into(),
+            fingerprint: "f".repeat(64),
+            software_version: "1.0.0".into(),
+            inputs: 3,
+            reason: GapReason::New,
+            cooldown_until: None,
+            run_id: None,
+        }
+    }
+
+    #[test]
+    fn the_streamed_gaps_document_is_the_reports_json() {
+        let pipelines = [
+            ("a", vec!["night=1", "night=\"2\""]),
+            ("b", vec![]),
+            ("c", vec!["x"]),
+        ];
+        let mut whole = CycleReport {
+            errors: vec!["pipeline d: broken".into()],
+            changed_packages: 4,
+            ..Default::default()
+        };
+        let mut streamed = StreamedGaps::new(Vec::new());
+        for (name, keys) in &pipelines {
+            let mut report = PipelineReport {
+                pipeline: (*name).into(),
+                evaluated: true,
+                gaps_found: keys.len(),
+                ..Default::default()
+            };
+            for key in keys {
+                streamed.gap(gap(name, key));
+            }
+            streamed.pipeline_done(&report);
+            report.gaps = keys.iter().map(|k| gap(name, k)).collect();
+            whole.pipelines.push(report);
+        }
+        let summary = CycleReport {
+            pipelines: Vec::new(),
+            ..whole.clone()
+        };
+        let written = streamed.finish(&summary).unwrap();
+        let text = String::from_utf8(written).unwrap();
+        // A gap a line, and the same document as the report kept whole.
+        assert_eq!(
+            text.lines().filter(|l| l.contains("fingerprint")).count(),
+            3,
+            "{text}"
+        );
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, serde_json::to_value(&whole).unwrap(), "{text}");
     }
 }

@@ -193,7 +193,13 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
 
 /// Lower-case hexadecimal of a digest.
 pub fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(digest.len() * 2);
+    for b in digest {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// The quality metrics beside `path`, if any: Ok(None) without a file, Err when the file

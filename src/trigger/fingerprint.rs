@@ -1,6 +1,8 @@
 //! The fingerprint of a (step, sub-group): what decides whether it was processed with the
 //! current data, software and configuration (SPEC §5).
 
+use std::fmt::Write as _;
+
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -24,28 +26,62 @@ pub struct SoftwareRef<'a> {
 /// configuration. JSON objects are written with sorted keys, so equal configurations hash
 /// equally whatever order their keys were stored in.
 pub fn fingerprint(inputs: &[InputRef], software: &SoftwareRef<'_>, config: &Value) -> String {
-    let mut sorted = inputs.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let inputs: Vec<String> = sorted
-        .iter()
-        .map(|i| match i {
-            InputRef::RawDataPackage(id) => format!("rdp:{id}"),
-            InputRef::DataProduct(id) => format!("dp:{id}"),
-        })
-        .collect();
-    let document = json!({
-        "v": 1,
-        "inputs": inputs,
-        "software": {
+    Fingerprinter::new(software, config).of(inputs)
+}
+
+/// The fingerprints of one step's sub-groups, which differ only in their inputs: the
+/// configuration and software are hashed once, and each sub-group's inputs are streamed
+/// into a copy of that state (a restart computes one per sub-group of the archive).
+///
+/// The bytes hashed are exactly the compact JSON text of
+/// `{"config": …, "inputs": ["rdp:1", "dp:2", …], "software": {…}, "v": 1}` with sorted
+/// keys, as every earlier version wrote them: fingerprints in the database stay valid.
+#[derive(Clone)]
+pub struct Fingerprinter {
+    /// After `{"config":<config>,"inputs":[`.
+    prefix: Sha256,
+    /// `],"software":{…},"v":1}`.
+    suffix: Vec<u8>,
+}
+
+impl Fingerprinter {
+    pub fn new(software: &SoftwareRef<'_>, config: &Value) -> Self {
+        let mut prefix = Sha256::new();
+        prefix.update(b"{\"config\":");
+        prefix.update(config.to_string().as_bytes());
+        prefix.update(b",\"inputs\":[");
+        let software = json!({
             "version_id": software.version_id,
             "version": software.version,
             "image_ref": software.image_ref,
             "image_digest": software.image_digest,
-        },
-        "config": config,
-    });
-    crate::results::collect::hex(&Sha256::digest(document.to_string().as_bytes()))
+        });
+        let suffix = format!("],\"software\":{software},\"v\":1}}").into_bytes();
+        Fingerprinter { prefix, suffix }
+    }
+
+    /// The fingerprint of a sub-group with these inputs (in any order, repeats ignored).
+    pub fn of(&self, inputs: &[InputRef]) -> String {
+        let mut sorted = inputs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut hasher = self.prefix.clone();
+        let mut item = String::with_capacity(32);
+        for (i, input) in sorted.iter().enumerate() {
+            item.clear();
+            if i > 0 {
+                item.push(',');
+            }
+            // Ids and fixed prefixes: nothing JSON would escape.
+            let _ = match input {
+                InputRef::RawDataPackage(id) => write!(item, "\"rdp:{id}\""),
+                InputRef::DataProduct(id) => write!(item, "\"dp:{id}\""),
+            };
+            hasher.update(item.as_bytes());
+        }
+        hasher.update(&self.suffix);
+        crate::results::collect::hex(&hasher.finalize())
+    }
 }
 
 #[cfg(test)]
@@ -58,6 +94,69 @@ mod tests {
         image_ref: "img:1",
         image_digest: None,
     };
+
+    /// What every earlier version hashed: the whole document built as a JSON value.
+    fn reference(inputs: &[InputRef], software: &SoftwareRef<'_>, config: &Value) -> String {
+        let mut sorted = inputs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let inputs: Vec<String> = sorted
+            .iter()
+            .map(|i| match i {
+                InputRef::RawDataPackage(id) => format!("rdp:{id}"),
+                InputRef::DataProduct(id) => format!("dp:{id}"),
+            })
+            .collect();
+        let document = json!({
+            "v": 1,
+            "inputs": inputs,
+            "software": {
+                "version_id": software.version_id,
+                "version": software.version,
+                "image_ref": software.image_ref,
+                "image_digest": software.image_digest,
+            },
+            "config": config,
+        });
+        let digest = Sha256::digest(document.to_string().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn the_streamed_fingerprint_is_the_one_stored_runs_carry() {
+        let configs = [
+            json!({}),
+            json!(null),
+            json!({"z": [1, 2.5, "é\"\\\n"], "a": {"y": true, "x": null}, "m": "hot_cold"}),
+        ];
+        let software = [
+            SW,
+            SoftwareRef {
+                version_id: -3,
+                version: "2.0.0-rc.1+\"quoted\"",
+                image_ref: "registry/x:tag",
+                image_digest: Some("sha256:ab"),
+            },
+        ];
+        let inputs = [
+            vec![],
+            vec![InputRef::RawDataPackage(7)],
+            vec![
+                InputRef::DataProduct(3),
+                InputRef::RawDataPackage(-1),
+                InputRef::DataProduct(3),
+                InputRef::RawDataPackage(10_000_000_000),
+            ],
+        ];
+        for config in &configs {
+            for sw in &software {
+                let f = Fingerprinter::new(sw, config);
+                for i in &inputs {
+                    assert_eq!(f.of(i), reference(i, sw, config), "{config} {sw:?} {i:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn order_of_inputs_and_config_keys_does_not_matter() {

@@ -43,6 +43,8 @@ pub struct StepPlan<'a> {
     pub config: Value,
     /// Indexes of the upstream steps in the pipeline's step list (all earlier).
     pub upstream: Vec<usize>,
+    /// Some later step depends on this one (only then are its products read).
+    pub feeds_downstream: bool,
 }
 
 /// One pipeline, resolved.
@@ -151,7 +153,12 @@ pub fn plan<'a>(
             software,
             config,
             upstream,
+            feeds_downstream: false,
         });
+    }
+    let fed: Vec<usize> = steps.iter().flat_map(|s| s.upstream.clone()).collect();
+    for u in fed {
+        steps[u].feeds_downstream = true;
     }
 
     let selection = SelectionKey {
