@@ -80,10 +80,54 @@ def process_triggers(settings: Settings, dry_run: bool = False) -> CycleReport:
 def migrate(settings: Settings) -> list[int]:
     """Applies the product's migrations to the configured database; returns the versions applied."""
 
-def process_pending_runs(settings: Settings) -> dict[str, Any]:
+class PublishReport(TypedDict):
+    published: int
+    backlog: int
+    error: str | None
+
+class WorkflowReport(TypedDict):
+    claimed: int
+    held: int
+    staging_requested: int
+    waiting_for_staging: int
+    submitted: int
+    adopted: int
+    fenced: int
+    failed: int
+    dispatched: int
+    dispatch: PublishReport | None
+    errors: list[str]
+
+class ResultReport(TypedDict):
+    polled: int
+    started: int
+    succeeded: int
+    failed: int
+    retried: int
+    cancelled: int
+    completed: int
+    dispatch: PublishReport | None
+    products: int
+    errors: list[str]
+
+class WorkflowManager:
+    """A workflow-manager keeping its pool and lease owner between cycles."""
+    def __init__(self, settings: Settings) -> None: ...
+    def cycle(self) -> WorkflowReport: ...
+    def acycle(self) -> Awaitable[WorkflowReport]: ...
+    def close(self) -> None: ...
+
+class ResultManager:
+    """A result-manager keeping its pool between cycles."""
+    def __init__(self, settings: Settings) -> None: ...
+    def cycle(self) -> ResultReport: ...
+    def acycle(self) -> Awaitable[ResultReport]: ...
+    def close(self) -> None: ...
+
+def process_pending_runs(settings: Settings) -> WorkflowReport:
     """Runs one workflow-manager cycle; returns its report."""
 
-def process_running_steps(settings: Settings) -> dict[str, Any]:
+def process_running_steps(settings: Settings) -> ResultReport:
     """Runs one result-manager cycle; returns its report."""
 
 def run_manager(name: str, settings: Settings) -> None:

@@ -6,6 +6,7 @@
 
 mod aio;
 mod logging;
+mod managers;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -192,108 +193,6 @@ fn process_triggers<'py>(
     })
 }
 
-/// A trigger-manager that keeps its connection pool and its evaluator between cycles:
-/// on an archive where nothing changed, a cycle after the first reads the change marks
-/// and stops. The way a Celery beat task or an asyncio service calls the core;
-/// `process_triggers` is the one-shot (cold) convenience.
-#[pyclass(
-    name = "TriggerManager",
-    module = "ccat_workflow_manager._core",
-    frozen
-)]
-pub struct PyTriggerManager {
-    settings: config::Settings,
-    dry_run: bool,
-    state: Arc<tokio::sync::Mutex<TriggerState>>,
-}
-
-#[derive(Default)]
-struct TriggerState {
-    db: Option<crate::db::Database>,
-    evaluator: crate::trigger::Evaluator,
-}
-
-impl PyTriggerManager {
-    /// One cycle on the kept pool and evaluator (the pool made on first use).
-    async fn cycle_on(
-        settings: config::Settings,
-        dry_run: bool,
-        state: Arc<tokio::sync::Mutex<TriggerState>>,
-    ) -> Result<crate::trigger::CycleReport, crate::db::DbError> {
-        let mut state = state.lock().await;
-        let db = match &state.db {
-            Some(db) => db.clone(),
-            None => state
-                .db
-                .insert(crate::db::Database::connect(&settings.database).await?)
-                .clone(),
-        };
-        let options = crate::trigger::TriggerOptions::from_settings(&settings, dry_run);
-        state
-            .evaluator
-            .cycle(&db, &options, chrono::Utc::now())
-            .await
-    }
-}
-
-fn report_to_python<'py, T: serde::Serialize>(
-    py: Python<'py>,
-    result: Result<T, crate::db::DbError>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let value = serde_json::to_value(result.map_err(database_error)?)
-        .map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
-    to_python(py, &value)
-}
-
-#[pymethods]
-impl PyTriggerManager {
-    #[new]
-    #[pyo3(signature = (settings, dry_run=false))]
-    fn new(settings: &PySettings, dry_run: bool) -> Self {
-        PyTriggerManager {
-            settings: settings.inner.clone(),
-            dry_run,
-            state: Default::default(),
-        }
-    }
-
-    /// One cycle, blocking (the GIL released); returns its report.
-    fn cycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        logging::install();
-        let (settings, state) = (self.settings.clone(), self.state.clone());
-        let dry_run = self.dry_run;
-        let result = py.detach(|| runtime().block_on(Self::cycle_on(settings, dry_run, state)));
-        report_to_python(py, result)
-    }
-
-    /// One cycle as an awaitable for asyncio.
-    fn acycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        logging::install();
-        let (settings, state) = (self.settings.clone(), self.state.clone());
-        let dry_run = self.dry_run;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let result = Self::cycle_on(settings, dry_run, state).await;
-            Python::attach(|py| -> PyResult<Py<PyAny>> {
-                Ok(report_to_python(py, result)?.unbind())
-            })
-        })
-    }
-
-    /// Closes the pool; a later cycle opens a new one (and starts from a full cycle).
-    fn close(&self, py: Python<'_>) {
-        let state = self.state.clone();
-        py.detach(|| {
-            runtime().block_on(async move {
-                let mut state = state.lock().await;
-                if let Some(db) = state.db.take() {
-                    db.close().await;
-                }
-                state.evaluator = Default::default();
-            })
-        });
-    }
-}
-
 /// The local backend's job wrapper, run by this interpreter (`sys.executable`).
 fn python_launcher(py: Python<'_>) -> PyResult<Vec<String>> {
     let executable: String = py.import("sys")?.getattr("executable")?.extract()?;
@@ -342,8 +241,16 @@ where
             result
         })
     });
-    let value = serde_json::to_value(result.map_err(database_error)?)
-        .map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
+    report_to_python(py, &result.map_err(database_error)?)
+}
+
+/// A report as Python data (dicts, lists, …).
+fn report_to_python<'py>(
+    py: Python<'py>,
+    report: &impl serde::Serialize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let value =
+        serde_json::to_value(report).map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
     to_python(py, &value)
 }
 
@@ -593,7 +500,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(submit_run, m)?)?;
     m.add_function(wrap_pyfunction!(start_heartbeat, m)?)?;
     m.add_class::<PyHeartbeat>()?;
-    m.add_class::<PyTriggerManager>()?;
+    m.add_class::<managers::PyTriggerManager>()?;
+    m.add_class::<managers::PyWorkflowManager>()?;
+    m.add_class::<managers::PyResultManager>()?;
     m.add_function(wrap_pyfunction!(collect_run, m)?)?;
     aio::register(m)?;
     m.add_function(wrap_pyfunction!(migrate, m)?)?;

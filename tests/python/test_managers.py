@@ -10,9 +10,9 @@ import pytest
 
 from ccat_workflow_manager import DatabaseError, Settings, _core
 from ccat_workflow_manager.config import make_settings
-from ccat_workflow_manager.managers.result_manager import process_running_steps
+from ccat_workflow_manager.managers.result_manager import ResultManager, process_running_steps
 from ccat_workflow_manager.managers.trigger_manager import TriggerManager, process_triggers
-from ccat_workflow_manager.managers.workflow_manager import process_pending_runs
+from ccat_workflow_manager.managers.workflow_manager import WorkflowManager, process_pending_runs
 
 SEED = """
 INSERT INTO instrument (id, name) VALUES (1, 'CHAI');
@@ -119,11 +119,8 @@ def test_unusable_database_raises_database_error(database, monkeypatch):
         process_triggers(make_settings())
 
 
-def test_workflow_and_result_managers_run_jobs_to_their_end(database, tmp_path, monkeypatch):
-    """process_pending_runs submits to the local backend (the job wrapper started through
-    this interpreter); process_running_steps follows the jobs to COMPLETED."""
-    import time
-
+def _jobs_that_write_a_map(database, tmp_path, monkeypatch):
+    """Gives the step a command the local backend can run, and the packages a copy."""
     archive = tmp_path / "archive"
     archive.mkdir()
     command = (
@@ -140,6 +137,19 @@ def test_workflow_and_result_managers_run_jobs_to_their_end(database, tmp_path, 
                 (package, str(path)),
             )
     monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR", str(tmp_path / "pipelines"))
+
+
+def _statuses(database):
+    with sqlite3.connect(database) as conn:
+        return [s for (s,) in conn.execute("SELECT status FROM executed_reduction_step ORDER BY id")]
+
+
+def test_workflow_and_result_managers_run_jobs_to_their_end(database, tmp_path, monkeypatch):
+    """process_pending_runs submits to the local backend (the job wrapper started through
+    this interpreter); process_running_steps follows the jobs to COMPLETED."""
+    import time
+
+    _jobs_that_write_a_map(database, tmp_path, monkeypatch)
     assert process_triggers(make_settings())["pipelines"][0]["created"] == 2
     report = process_pending_runs(make_settings())
     assert (report["claimed"], report["submitted"], report["errors"]) == (2, 2, [])
@@ -147,13 +157,46 @@ def test_workflow_and_result_managers_run_jobs_to_their_end(database, tmp_path, 
     while True:
         report = process_running_steps(make_settings())
         assert report["errors"] == []
-        with sqlite3.connect(database) as conn:
-            states = [s for (s,) in conn.execute("SELECT status FROM executed_reduction_step")]
+        states = _statuses(database)
         if states == ["COMPLETED"] * 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert states == ["COMPLETED"] * 2
     assert (tmp_path / "pipelines/p/night=2026-01-10/output/science/map.fits").read_text() == "map\n"
+
+
+def test_the_three_long_lived_managers_run_jobs_to_their_end_from_asyncio(database, tmp_path, monkeypatch):
+    """The manager classes, as an asyncio service keeps them: one each, awaited cycles;
+    closed and used again, a manager opens a new pool."""
+    import asyncio
+
+    _jobs_that_write_a_map(database, tmp_path, monkeypatch)
+
+    async def main():
+        trigger = TriggerManager(make_settings())
+        workflow = WorkflowManager(make_settings())
+        results = ResultManager(make_settings())
+        assert (await trigger.acycle())["pipelines"][0]["created"] == 2
+        submitted = await workflow.acycle()
+        assert (submitted["claimed"], submitted["submitted"], submitted["errors"]) == (2, 2, [])
+        workflow.close()
+        assert workflow.cycle()["claimed"] == 0
+        for _ in range(150):
+            report = await results.acycle()
+            assert report["errors"] == []
+            if _statuses(database) == ["COMPLETED"] * 2:
+                break
+            await asyncio.sleep(0.2)
+        # The completed runs are one change for the kept evaluator; then it is quiet.
+        await trigger.acycle()
+        quiet = await trigger.acycle()
+        for manager in (trigger, workflow, results):
+            manager.close()
+        return quiet
+
+    quiet = asyncio.run(main())
+    assert _statuses(database) == ["COMPLETED"] * 2
+    assert (quiet["changed_runs"], quiet["pipelines"][0]["sub_groups_evaluated"]) == (0, 0), quiet
 
 
 LOOP_SCRIPT = """

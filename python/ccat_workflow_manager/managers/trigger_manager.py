@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from dynaconf import Dynaconf
 
 from ccat_workflow_manager import _core
 from ccat_workflow_manager.config import to_rust
+from ccat_workflow_manager.managers._long_lived import LongLived
 
 if TYPE_CHECKING:
     # Typed dicts of the stubs only; at run time the reports are plain dicts.
     from ccat_workflow_manager._core import CycleReport
 
 
-class TriggerManager:
+class TriggerManager(LongLived["CycleReport"]):
     """A trigger-manager that keeps its database pool and its evaluator between cycles.
 
     The first :meth:`cycle` evaluates every pipeline in full; later ones look only at
@@ -24,35 +24,10 @@ class TriggerManager:
     a Celery beat task, an asyncio service — should drive the trigger-manager: keep one
     instance (per process) and call :meth:`cycle` (or ``await`` :meth:`acycle`) each
     period. :func:`process_triggers` is the one-shot, cold, convenience.
-
-    Use it as a context manager, or call :meth:`close`, to release the pool.
     """
 
     def __init__(self, settings: Dynaconf | None = None, *, dry_run: bool = False) -> None:
         self._core = _core.TriggerManager(to_rust(settings), dry_run=dry_run)
-
-    def cycle(self) -> CycleReport:
-        """One cycle, blocking (other Python threads run meanwhile); its report."""
-        return self._core.cycle()
-
-    async def acycle(self) -> CycleReport:
-        """One cycle, awaited without blocking the event loop; its report."""
-        return await self._core.acycle()
-
-    def close(self) -> None:
-        """Release the pool; a later cycle starts afresh (a full evaluation)."""
-        self._core.close()
-
-    def __enter__(self) -> TriggerManager:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def process_triggers(settings: Dynaconf | None = None, *, dry_run: bool = False) -> dict[str, Any]:
