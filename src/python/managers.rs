@@ -164,6 +164,44 @@ impl Parts {
             .map_err(|e| format!("the Redis settings: {e}"))?;
         Ok((backend, publisher))
     }
+
+    /// Makes the manager `build` returns on each new pool, with fresh parts.
+    fn maker<M: 'static, O: Clone + Send + Sync + 'static>(
+        self,
+        options: O,
+        build: fn(Database, AnyBackend, O, Option<crate::dispatch::Publisher>) -> M,
+    ) -> Make<M> {
+        Arc::new(move |db| {
+            let (backend, publisher) = self.make()?;
+            Ok(build(db, backend, options.clone(), publisher))
+        })
+    }
+}
+
+/// A `#[pymethods]` block: the class's constructor, then `cycle`, `acycle` and `close`
+/// delegated to its [`Keeper`] (one macro, as PyO3 takes one methods block per class).
+macro_rules! kept_manager_methods {
+    ($class:ident, $constructor:item) => {
+        #[pymethods]
+        impl $class {
+            $constructor
+
+            /// One cycle, blocking (the GIL released); returns its report.
+            fn cycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+                self.0.cycle(py)
+            }
+
+            /// One cycle as an awaitable for asyncio.
+            fn acycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+                self.0.acycle(py)
+            }
+
+            /// Closes the pool; a later cycle opens a new one and starts afresh.
+            fn close(&self, py: Python<'_>) {
+                self.0.close(py);
+            }
+        }
+    };
 }
 
 /// A trigger-manager that keeps its pool and its evaluator between cycles: on an archive
@@ -175,8 +213,8 @@ impl Parts {
 )]
 pub struct PyTriggerManager(Keeper<KeptTrigger>);
 
-#[pymethods]
-impl PyTriggerManager {
+kept_manager_methods!(
+    PyTriggerManager,
     #[new]
     #[pyo3(signature = (settings, dry_run=false))]
     fn new(settings: &PySettings, dry_run: bool) -> PyResult<Self> {
@@ -190,22 +228,7 @@ impl PyTriggerManager {
         });
         Ok(Self(Keeper::new(settings.inner.clone(), make)))
     }
-
-    /// One cycle, blocking (the GIL released); returns its report.
-    fn cycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.0.cycle(py)
-    }
-
-    /// One cycle as an awaitable for asyncio.
-    fn acycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.0.acycle(py)
-    }
-
-    /// Closes the pool; a later cycle opens a new one (and starts from a full cycle).
-    fn close(&self, py: Python<'_>) {
-        self.0.close(py);
-    }
-}
+);
 
 /// A workflow-manager that keeps its pool and its lease owner between cycles: runs it
 /// holds for staging are picked up again by its next cycle.
@@ -216,65 +239,32 @@ impl PyTriggerManager {
 )]
 pub struct PyWorkflowManager(Keeper<WorkflowManager<AnyBackend>>);
 
-#[pymethods]
-impl PyWorkflowManager {
+kept_manager_methods!(
+    PyWorkflowManager,
     #[new]
     fn new(py: Python<'_>, settings: &PySettings) -> PyResult<Self> {
-        let parts = Parts::check(py, &settings.inner)?;
         let options = crate::workflow::WorkflowOptions::from_settings(&settings.inner);
-        let make: Make<WorkflowManager<AnyBackend>> = Arc::new(move |db| {
-            let (backend, publisher) = parts.make()?;
-            Ok(WorkflowManager::new(db, backend, options.clone()).with_publisher(publisher))
-        });
+        let make =
+            Parts::check(py, &settings.inner)?.maker(options, |db, backend, o, publisher| {
+                WorkflowManager::new(db, backend, o).with_publisher(publisher)
+            });
         Ok(Self(Keeper::new(settings.inner.clone(), make)))
     }
-
-    /// One cycle (claim, stage, submit), blocking (the GIL released); returns its report.
-    fn cycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.0.cycle(py)
-    }
-
-    /// One cycle as an awaitable for asyncio.
-    fn acycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.0.acycle(py)
-    }
-
-    /// Closes the pool; a later cycle opens a new one under a new lease owner.
-    fn close(&self, py: Python<'_>) {
-        self.0.close(py);
-    }
-}
+);
 
 /// A result-manager that keeps its pool between cycles.
 #[pyclass(name = "ResultManager", module = "ccat_workflow_manager._core", frozen)]
 pub struct PyResultManager(Keeper<ResultManager<AnyBackend>>);
 
-#[pymethods]
-impl PyResultManager {
+kept_manager_methods!(
+    PyResultManager,
     #[new]
     fn new(py: Python<'_>, settings: &PySettings) -> PyResult<Self> {
-        let parts = Parts::check(py, &settings.inner)?;
         let options = crate::results::ResultOptions::from_settings(&settings.inner);
-        let make: Make<ResultManager<AnyBackend>> = Arc::new(move |db| {
-            let (backend, publisher) = parts.make()?;
-            Ok(ResultManager::new(db, backend, options.clone()).with_publisher(publisher))
-        });
+        let make =
+            Parts::check(py, &settings.inner)?.maker(options, |db, backend, o, publisher| {
+                ResultManager::new(db, backend, o).with_publisher(publisher)
+            });
         Ok(Self(Keeper::new(settings.inner.clone(), make)))
     }
-
-    /// One cycle (job status, failures and retries, cancellations, collection), blocking
-    /// (the GIL released); returns its report.
-    fn cycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.0.cycle(py)
-    }
-
-    /// One cycle as an awaitable for asyncio.
-    fn acycle<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.0.acycle(py)
-    }
-
-    /// Closes the pool.
-    fn close(&self, py: Python<'_>) {
-        self.0.close(py);
-    }
-}
+);

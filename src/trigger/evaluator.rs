@@ -220,12 +220,13 @@ impl Evaluator {
                 .get(&plan.row.id)
                 .map_or(&[][..], Vec::as_slice);
             let cache = &self.selections[&plan.selection];
-            #[expect(
-                clippy::option_as_ref_deref,
-                reason = "as_deref_mut keeps the trait object's lifetime, too long for a loop"
-            )]
-            let pipeline_sink = sink.as_mut().map(|s| -> &mut dyn GapSink { &mut **s });
-            let r = evaluate_pipeline(
+            // Each gap to the sink, or kept for the report.
+            let mut kept = Vec::new();
+            let mut emit = |gap| match sink.as_mut() {
+                Some(sink) => sink.gap(gap),
+                None => kept.push(gap),
+            };
+            let mut r = evaluate_pipeline(
                 db,
                 plan,
                 *firing,
@@ -236,9 +237,13 @@ impl Evaluator {
                 &changed_runs,
                 options,
                 now,
-                pipeline_sink,
+                &mut emit,
             )
             .await?;
+            r.gaps = kept;
+            if let Some(sink) = sink.as_mut() {
+                sink.pipeline_done(&r);
+            }
             report.pipelines.push(r);
         }
         phase("pipelines evaluated");

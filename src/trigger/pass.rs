@@ -14,7 +14,7 @@ use super::plan::{self, PipelinePlan};
 use super::selection::SelectionCache;
 use super::step::{StepState, Upstream, evaluate_step};
 use super::view::{GroupId, View};
-use super::{Gap, GapSink, Mode, PipelineReport, TriggerOptions};
+use super::{Gap, Mode, PipelineReport, TriggerOptions};
 
 /// One pass over a pipeline's steps: which groups to look for gaps in.
 #[derive(Debug)]
@@ -25,49 +25,9 @@ struct Pass<'a> {
     request: Option<&'a TriggerRequestRow>,
 }
 
-/// Evaluates one pipeline: its report, with its gaps, or with none when `sink` took them.
+/// Evaluates one pipeline, handing its gaps to `emit`; its report (without them).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn evaluate_pipeline(
-    db: &Database,
-    plan: &PipelinePlan<'_>,
-    firing: plan::Firing,
-    requests: &[TriggerRequestRow],
-    cache: &SelectionCache,
-    memos: &mut HashMap<i64, PipelineMemo>,
-    warm: bool,
-    changed_runs: &HashMap<i64, Vec<&str>>,
-    options: &TriggerOptions,
-    now: DateTime<Utc>,
-    mut sink: Option<&mut dyn GapSink>,
-) -> Result<PipelineReport, DbError> {
-    let mut kept = Vec::new();
-    let mut emit = |gap: Gap| match sink.as_deref_mut() {
-        Some(sink) => sink.gap(gap),
-        None => kept.push(gap),
-    };
-    let mut report = evaluate(
-        db,
-        plan,
-        firing,
-        requests,
-        cache,
-        memos,
-        warm,
-        changed_runs,
-        options,
-        now,
-        &mut emit,
-    )
-    .await?;
-    report.gaps = kept;
-    if let Some(sink) = sink {
-        sink.pipeline_done(&report);
-    }
-    Ok(report)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn evaluate(
     db: &Database,
     plan: &PipelinePlan<'_>,
     firing: plan::Firing,
