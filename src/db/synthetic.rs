@@ -366,7 +366,8 @@ impl Database {
     }
 
     /// Deletes one completed run of a last step (with its products), as an operator
-    /// cleaning up by hand would. Returns its id.
+    /// cleaning up by hand would: the newest of its sub-group, so that a run must be made
+    /// again (an older, superseded one would leave no gap). Returns its id.
     pub async fn delete_a_final_run(&self) -> Result<i64, DbError> {
         let Database::Postgres(pool) = self else {
             return Err(postgres_only());
@@ -374,7 +375,11 @@ impl Database {
         let id: i64 = sqlx::query_scalar(
             "SELECT r.id FROM executed_reduction_step r JOIN reduction_step s \
                ON s.id = r.reduction_step_id \
-             WHERE r.status = 'COMPLETED' AND s.step_order = 2 ORDER BY r.id LIMIT 1",
+             WHERE r.status = 'COMPLETED' AND s.step_order = 2 \
+               AND NOT EXISTS (SELECT 1 FROM executed_reduction_step n \
+                               WHERE n.reduction_step_id = r.reduction_step_id \
+                                 AND n.sub_group_key = r.sub_group_key AND n.id > r.id) \
+             ORDER BY r.id LIMIT 1",
         )
         .fetch_one(pool)
         .await
