@@ -5,13 +5,14 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use fixedbitset::FixedBitSet;
+use futures_util::{StreamExt, TryStreamExt};
 
 use crate::db::changes::Changes;
 use crate::db::filter_sql::SelectionSpec;
 use crate::db::{Database, DbError};
 use crate::filter::{Dimension, Rule};
 
-use super::pass::evaluate_pipeline;
+use super::pass::CycleContext;
 use super::plan::{self, Definitions, PipelinePlan, SelectionKey};
 use super::selection::{REBUILD_ABOVE, SelectionCache, SelectionToBuild};
 use super::{CycleReport, GapSink, TriggerOptions};
@@ -40,6 +41,10 @@ pub struct Evaluator {
     /// a transaction open somewhere pins it, and every cycle reads the same changes again.
     stuck: u32,
 }
+
+/// Pipelines evaluated at once on PostgreSQL (the database works on one while the
+/// process works on another).
+const PIPELINES_AT_ONCE: usize = 2;
 
 /// Cycles with a pinned horizon before the blocking transaction is named in a warning
 /// (and again every as many cycles while it stays).
@@ -214,37 +219,59 @@ impl Evaluator {
             }
         }
 
-        for (plan, firing) in &plans {
-            let requests = defs
-                .requests
-                .get(&plan.row.id)
-                .map_or(&[][..], Vec::as_slice);
-            let cache = &self.selections[&plan.selection];
-            // Each gap to the sink, or kept for the report.
-            let mut kept = Vec::new();
-            let mut emit = |gap| match sink.as_mut() {
-                Some(sink) => sink.gap(gap),
-                None => kept.push(gap),
-            };
-            let mut r = evaluate_pipeline(
-                db,
-                plan,
-                *firing,
-                requests,
-                cache,
-                &mut self.memos,
-                changes.is_some(),
-                &changed_runs,
-                options,
-                now,
-                &mut emit,
-            )
-            .await?;
-            r.gaps = kept;
-            if let Some(sink) = sink.as_mut() {
-                sink.pipeline_done(&r);
+        let context = CycleContext {
+            db,
+            defs: &defs,
+            selections: &self.selections,
+            warm: changes.is_some(),
+            changed_runs: &changed_runs,
+            options,
+            now,
+        };
+        // Each pipeline's memo is lent to its evaluation and put back after.
+        let mut memos: Vec<Option<PipelineMemo>> = plans
+            .iter()
+            .map(|(plan, _)| self.memos.remove(&plan.row.id))
+            .collect();
+        let evaluated = match sink.as_mut() {
+            // A sink takes each gap as it is found, so one pipeline at a time.
+            Some(sink) => {
+                let mut reports = Vec::with_capacity(plans.len());
+                for ((plan, firing), memo) in plans.iter().zip(&mut memos) {
+                    let mut emit = |gap| sink.gap(gap);
+                    let r = context
+                        .evaluate_pipeline(plan, *firing, memo, &mut emit)
+                        .await?;
+                    sink.pipeline_done(&r);
+                    reports.push(r);
+                }
+                reports
             }
-            report.pipelines.push(r);
+            // Otherwise several at once on PostgreSQL: one pipeline's queries run while
+            // another's sub-groups are evaluated in process.
+            None => {
+                let at_once = match db {
+                    Database::Postgres(_) => PIPELINES_AT_ONCE,
+                    Database::Sqlite(_) => 1,
+                };
+                // Made before the stream (not by a closure inside it): a closure there
+                // defeats the compiler's proof that the cycle's future is Send.
+                let jobs: Vec<_> = plans
+                    .iter()
+                    .zip(&mut memos)
+                    .map(|((plan, firing), memo)| keeping_gaps(&context, plan, *firing, memo))
+                    .collect();
+                futures_util::stream::iter(jobs)
+                    .buffered(at_once)
+                    .try_collect()
+                    .await?
+            }
+        };
+        report.pipelines = evaluated;
+        for ((plan, _), memo) in plans.iter().zip(memos) {
+            if let Some(memo) = memo {
+                self.memos.insert(plan.row.id, memo);
+            }
         }
         phase("pipelines evaluated");
         // Pipelines gone or disabled are forgotten.
@@ -348,6 +375,22 @@ impl Evaluator {
         }
         Ok(())
     }
+}
+
+/// Evaluates a pipeline whose report keeps its gaps.
+async fn keeping_gaps(
+    context: &CycleContext<'_>,
+    plan: &PipelinePlan<'_>,
+    firing: plan::Firing,
+    memo: &mut Option<PipelineMemo>,
+) -> Result<crate::trigger::PipelineReport, DbError> {
+    let mut kept = Vec::new();
+    let mut emit = |gap| kept.push(gap);
+    let mut report = context
+        .evaluate_pipeline(plan, firing, memo, &mut emit)
+        .await?;
+    report.gaps = kept;
+    Ok(report)
 }
 
 async fn load_definitions(db: &Database, location: i64) -> Result<Definitions, DbError> {

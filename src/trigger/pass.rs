@@ -10,7 +10,7 @@ use crate::db::pipelines::{RunStamp, TriggerRequestRow};
 use crate::db::{Database, DbError};
 
 use super::evaluator::PipelineMemo;
-use super::plan::{self, PipelinePlan};
+use super::plan::{self, Definitions, PipelinePlan, SelectionKey};
 use super::selection::SelectionCache;
 use super::step::{StepState, Upstream, evaluate_step};
 use super::view::{GroupId, View};
@@ -25,15 +25,59 @@ struct Pass<'a> {
     request: Option<&'a TriggerRequestRow>,
 }
 
-/// Evaluates one pipeline, handing its gaps to `emit`; its report (without them).
+/// What every pipeline of a cycle is evaluated against.
+pub(super) struct CycleContext<'a> {
+    pub db: &'a Database,
+    pub defs: &'a Definitions,
+    pub selections: &'a HashMap<SelectionKey, SelectionCache>,
+    /// Not the first cycle: changes since the last are known.
+    pub warm: bool,
+    /// Runs written since the last cycle, by step.
+    pub changed_runs: &'a HashMap<i64, Vec<&'a str>>,
+    pub options: &'a TriggerOptions,
+    pub now: DateTime<Utc>,
+}
+
+impl CycleContext<'_> {
+    /// Evaluates one pipeline, handing its gaps to `emit`; its report (without them).
+    /// `memo` is what the evaluator remembers of it (None: nothing yet).
+    pub(super) async fn evaluate_pipeline(
+        &self,
+        plan: &PipelinePlan<'_>,
+        firing: plan::Firing,
+        memo: &mut Option<PipelineMemo>,
+        emit: &mut (dyn FnMut(Gap) + Send),
+    ) -> Result<PipelineReport, DbError> {
+        let requests = self
+            .defs
+            .requests
+            .get(&plan.row.id)
+            .map_or(&[][..], Vec::as_slice);
+        evaluate(
+            self.db,
+            plan,
+            firing,
+            requests,
+            &self.selections[&plan.selection],
+            memo,
+            self.warm,
+            self.changed_runs,
+            self.options,
+            self.now,
+            emit,
+        )
+        .await
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn evaluate_pipeline(
+async fn evaluate(
     db: &Database,
     plan: &PipelinePlan<'_>,
     firing: plan::Firing,
     requests: &[TriggerRequestRow],
     cache: &SelectionCache,
-    memos: &mut HashMap<i64, PipelineMemo>,
+    memo: &mut Option<PipelineMemo>,
     warm: bool,
     changed_runs: &HashMap<i64, Vec<&str>>,
     options: &TriggerOptions,
@@ -61,23 +105,20 @@ pub(super) async fn evaluate_pipeline(
     let incremental = warm
         && pipeline.trigger_type == "CONTINUOUS"
         && !cache.rebuilt
-        && memos
-            .get(&pipeline.id)
+        && memo
+            .as_ref()
             .is_some_and(|m| m.digest == plan.digest && m.selection == plan.selection);
     if !incremental {
-        memos.insert(
-            pipeline.id,
-            PipelineMemo {
-                digest: plan.digest,
-                selection: plan.selection.clone(),
-                held_back: views
-                    .iter()
-                    .map(|v| FixedBitSet::with_capacity(v.group_count()))
-                    .collect(),
-            },
-        );
+        *memo = Some(PipelineMemo {
+            digest: plan.digest,
+            selection: plan.selection.clone(),
+            held_back: views
+                .iter()
+                .map(|v| FixedBitSet::with_capacity(v.group_count()))
+                .collect(),
+        });
     }
-    let memo = memos.get_mut(&pipeline.id).expect("inserted above");
+    let memo = memo.as_mut().expect("set above");
     for (bits, view) in memo.held_back.iter_mut().zip(&views) {
         bits.grow(view.group_count());
     }
