@@ -387,6 +387,16 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The mature-archive cycles (a)–(e) of `bench trigger`, in a process of their own,
+    /// on the archive it built; prints their figures as JSON.
+    #[command(hide = true)]
+    TriggerScenarios {
+        #[arg(long, value_name = "URL")]
+        database_url: String,
+        /// Packages in the archive.
+        #[arg(long)]
+        packages: i64,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -640,6 +650,19 @@ async fn run(
             } else {
                 print!("{}", crate::bench::render_mature(&mature));
             }
+            Ok(0)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::TriggerScenarios {
+                    database_url,
+                    packages,
+                },
+        } => {
+            let db = Database::connect_url(&database_url).await?;
+            let figures = crate::bench::mature_scenarios(&db, packages).await?;
+            db.close().await;
+            println!("{}", serde_json::to_string(&figures)?);
             Ok(0)
         }
         Command::Bench {
