@@ -559,6 +559,39 @@ impl Database {
         }
     }
 
+    /// Every COMPLETED run of `steps` with each of its products that feed downstream
+    /// steps (every type but LOG; None for a run without any), ordered by run, then
+    /// product: one scan for a cycle that evaluates many pipelines in full, where a query
+    /// per step would probe the index once per run.
+    pub async fn products_of_completed_runs(
+        &self,
+        steps: &[i64],
+    ) -> Result<Vec<(i64, Option<i64>)>, DbError> {
+        const SQL: &str = "SELECT r.id, p.id FROM executed_reduction_step r \
+             LEFT JOIN data_product p \
+               ON p.executed_reduction_step_id = r.id AND p.product_type <> 'LOG' \
+             WHERE r.status = 'COMPLETED' AND r.reduction_step_id {steps} \
+             ORDER BY r.id, p.id";
+        let what = DbError::query("reading the products of completed runs");
+        match self {
+            Database::Postgres(pool) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("{steps}", "= ANY($1)")))
+                    .bind(steps)
+                    .fetch_all(pool)
+                    .await
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(
+                    SQL.replace("{steps}", "IN (SELECT value FROM json_each($1))"),
+                ))
+                .bind(serde_json::to_string(steps).expect("ids serialise"))
+                .fetch_all(pool)
+                .await
+            }
+        }
+        .map_err(what)
+    }
+
     /// The upstream data-product inputs of a run.
     pub async fn run_product_inputs(&self, run_id: i64) -> Result<Vec<i64>, DbError> {
         on_pool!(self, pool => {

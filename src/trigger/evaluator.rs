@@ -15,6 +15,7 @@ use crate::filter::{Dimension, Rule};
 use super::pass::CycleContext;
 use super::plan::{self, Definitions, PipelinePlan, SelectionKey};
 use super::selection::{REBUILD_ABOVE, SelectionCache, SelectionToBuild};
+use super::step::ProductIndex;
 use super::{CycleReport, GapSink, TriggerOptions};
 
 /// What the evaluator remembers of a pipeline between cycles.
@@ -219,6 +220,29 @@ impl Evaluator {
             }
         }
 
+        // A cold cycle evaluates every pipeline in full: the products of their completed
+        // runs are read in one scan, not in a query per step.
+        let products = match &changes {
+            None => {
+                let steps: Vec<i64> = plans
+                    .iter()
+                    .filter(|(_, firing)| firing.scheduled)
+                    .flat_map(|(plan, _)| plan.steps.iter())
+                    .filter(|s| s.feeds_downstream)
+                    .map(|s| s.row.id)
+                    .collect();
+                if steps.is_empty() {
+                    None
+                } else {
+                    Some(ProductIndex {
+                        rows: db.products_of_completed_runs(&steps).await?,
+                        steps: steps.into_iter().collect(),
+                    })
+                }
+            }
+            Some(_) => None,
+        };
+        phase("products read");
         let context = CycleContext {
             db,
             defs: &defs,
@@ -227,6 +251,7 @@ impl Evaluator {
             changed_runs: &changed_runs,
             options,
             now,
+            products: products.as_ref(),
         };
         // Each pipeline's memo is lent to its evaluation and put back after.
         let mut memos: Vec<Option<PipelineMemo>> = plans

@@ -12,7 +12,7 @@ use crate::db::{Database, DbError};
 use super::evaluator::PipelineMemo;
 use super::plan::{self, Definitions, PipelinePlan, SelectionKey};
 use super::selection::SelectionCache;
-use super::step::{StepState, Upstream, evaluate_step};
+use super::step::{ProductIndex, StepState, Upstream, evaluate_step};
 use super::view::{GroupId, View};
 use super::{Gap, Mode, PipelineReport, TriggerOptions};
 
@@ -36,6 +36,8 @@ pub(super) struct CycleContext<'a> {
     pub changed_runs: &'a HashMap<i64, Vec<&'a str>>,
     pub options: &'a TriggerOptions,
     pub now: DateTime<Utc>,
+    /// The products of completed runs, when read once for the whole cycle.
+    pub products: Option<&'a ProductIndex>,
 }
 
 impl CycleContext<'_> {
@@ -64,6 +66,7 @@ impl CycleContext<'_> {
             self.changed_runs,
             self.options,
             self.now,
+            self.products,
             emit,
         )
         .await
@@ -82,6 +85,7 @@ async fn evaluate(
     changed_runs: &HashMap<i64, Vec<&str>>,
     options: &TriggerOptions,
     now: DateTime<Utc>,
+    index: Option<&ProductIndex>,
     emit: &mut (dyn FnMut(Gap) + Send),
 ) -> Result<PipelineReport, DbError> {
     let pipeline = plan.row;
@@ -231,6 +235,7 @@ async fn evaluate(
                 &mut budget,
                 options,
                 now,
+                index,
                 emit,
             )
             .await?;

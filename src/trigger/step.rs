@@ -70,6 +70,26 @@ impl StepState {
     }
 }
 
+/// The products of the runs that were COMPLETED when it was read, read once for a cycle
+/// that evaluates many pipelines in full (a restart) rather than a query per step.
+#[derive(Debug)]
+pub(super) struct ProductIndex {
+    /// The steps whose completed runs it holds.
+    pub(super) steps: std::collections::HashSet<i64>,
+    /// `(run, product)`, sorted by run; None for a run without products.
+    pub(super) rows: Vec<(i64, Option<i64>)>,
+}
+
+impl ProductIndex {
+    /// A run's products; None when the run had not completed when the index was read
+    /// (it completed since, and is asked for on its own).
+    fn of(&self, run: i64) -> Option<impl Iterator<Item = i64> + '_> {
+        let start = self.rows.partition_point(|(r, _)| *r < run);
+        let len = self.rows[start..].partition_point(|(r, _)| *r == run);
+        (len > 0).then(|| self.rows[start..start + len].iter().filter_map(|(_, p)| *p))
+    }
+}
+
 /// An upstream step as a downstream step reads it.
 pub(super) struct Upstream<'a> {
     pub(super) state: &'a StepState,
@@ -111,6 +131,7 @@ pub(super) async fn evaluate_step(
     budget: &mut usize,
     options: &TriggerOptions,
     now: DateTime<Utc>,
+    index: Option<&ProductIndex>,
     emit: &mut (dyn FnMut(Gap) + Send),
 ) -> Result<StepOutcome, DbError> {
     let mut out = StepOutcome {
@@ -330,7 +351,21 @@ pub(super) async fn evaluate_step(
             _ => None,
         })
         .collect();
-    for (run_id, product_id) in db.products_of_runs(&completed).await? {
+    let mut ask = Vec::new();
+    match index.filter(|i| i.steps.contains(&step.row.id)) {
+        Some(index) => {
+            for run in completed {
+                match index.of(run) {
+                    Some(products) => {
+                        out.state.products.entry(run).or_default().extend(products);
+                    }
+                    None => ask.push(run),
+                }
+            }
+        }
+        None => ask = completed,
+    }
+    for (run_id, product_id) in db.products_of_runs(&ask).await? {
         out.state
             .products
             .entry(run_id)
@@ -349,5 +384,26 @@ fn progress_of(run: Option<&RunStamp>) -> Progress {
             Progress::FailedForGood
         }
         Some(_) => Progress::InFlight,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_product_index_tells_a_run_without_products_from_one_it_never_saw() {
+        let index = ProductIndex {
+            steps: [1].into(),
+            rows: vec![(3, Some(30)), (3, Some(31)), (5, None), (8, Some(80))],
+        };
+        let of = |run| index.of(run).map(|p| p.collect::<Vec<_>>());
+        assert_eq!(of(3), Some(vec![30, 31]));
+        assert_eq!(of(5), Some(vec![]), "completed without products");
+        assert_eq!(of(8), Some(vec![80]));
+        // Not completed when the index was read: asked for on its own.
+        assert_eq!(of(4), None);
+        assert_eq!(of(1), None);
+        assert_eq!(of(9), None);
     }
 }
