@@ -570,10 +570,9 @@ impl Database {
         const SQL: &str = "SELECT r.id, p.id FROM executed_reduction_step r \
              LEFT JOIN data_product p \
                ON p.executed_reduction_step_id = r.id AND p.product_type <> 'LOG' \
-             WHERE r.status = 'COMPLETED' AND r.reduction_step_id {steps} \
-             ORDER BY r.id, p.id";
+             WHERE r.status = 'COMPLETED' AND r.reduction_step_id {steps}";
         let what = DbError::query("reading the products of completed runs");
-        match self {
+        let rows: Result<Vec<(i64, Option<i64>)>, sqlx::Error> = match self {
             Database::Postgres(pool) => {
                 sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("{steps}", "= ANY($1)")))
                     .bind(steps)
@@ -588,8 +587,11 @@ impl Database {
                 .fetch_all(pool)
                 .await
             }
-        }
-        .map_err(what)
+        };
+        // Sorted here: in the database, a sort of this size spills to disk.
+        let mut rows = rows.map_err(what)?;
+        rows.sort_unstable();
+        Ok(rows)
     }
 
     /// The upstream data-product inputs of a run.
