@@ -1,7 +1,7 @@
 //! The trigger-manager's memory between cycles and the cycle itself: the change marks
 //! read, the selections brought up to date, each pipeline evaluated.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use fixedbitset::FixedBitSet;
@@ -202,7 +202,6 @@ impl Evaluator {
                             db.finish_trigger_request(request.id, true, &e).await?;
                         }
                     }
-                    self.memos.remove(&pipeline.id);
                     report.errors.push(e);
                 }
             }
@@ -253,11 +252,14 @@ impl Evaluator {
             now,
             products: products.as_ref(),
         };
-        // Each pipeline's memo is lent to its evaluation and put back after.
+        // Each pipeline's memo is lent to its evaluation and put back after; those of
+        // pipelines gone or disabled are not, and are forgotten.
+        let mut previous = std::mem::take(&mut self.memos);
         let mut memos: Vec<Option<PipelineMemo>> = plans
             .iter()
-            .map(|(plan, _)| self.memos.remove(&plan.row.id))
+            .map(|(plan, _)| previous.remove(&plan.row.id))
             .collect();
+        drop(previous);
         let evaluated = match sink.as_mut() {
             // A sink takes each gap as it is found, so one pipeline at a time.
             Some(sink) => {
@@ -293,15 +295,12 @@ impl Evaluator {
             }
         };
         report.pipelines = evaluated;
-        for ((plan, _), memo) in plans.iter().zip(memos) {
-            if let Some(memo) = memo {
-                self.memos.insert(plan.row.id, memo);
-            }
-        }
+        self.memos = plans
+            .iter()
+            .zip(memos)
+            .filter_map(|((plan, _), memo)| Some((plan.row.id, memo?)))
+            .collect();
         phase("pipelines evaluated");
-        // Pipelines gone or disabled are forgotten.
-        let live: HashSet<i64> = plans.iter().map(|(p, _)| p.row.id).collect();
-        self.memos.retain(|id, _| live.contains(id));
 
         if !options.dry_run
             && self

@@ -25,11 +25,8 @@ pub struct SoftwareRef<'a> {
 /// SHA-256 (hex) over the sorted inputs, the software version with its image, and the step
 /// configuration. JSON objects are written with sorted keys, so equal configurations hash
 /// equally whatever order their keys were stored in.
-pub fn fingerprint(inputs: &[InputRef], software: &SoftwareRef<'_>, config: &Value) -> String {
-    Fingerprinter::new(software, config).of(inputs)
-}
-
-/// The fingerprints of one step's sub-groups, which differ only in their inputs: the
+///
+/// One per step: its sub-groups' fingerprints differ only in their inputs, so the
 /// configuration and software are hashed once, and each sub-group's inputs are streamed
 /// into a copy of that state (a restart computes one per sub-group of the archive).
 ///
@@ -87,6 +84,10 @@ impl Fingerprinter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fingerprint(inputs: &[InputRef], software: &SoftwareRef<'_>, config: &Value) -> String {
+        Fingerprinter::new(software, config).of(inputs)
+    }
 
     const SW: SoftwareRef<'static> = SoftwareRef {
         version_id: 1,

@@ -50,224 +50,192 @@ impl CycleContext<'_> {
         memo: &mut Option<PipelineMemo>,
         emit: &mut (dyn FnMut(Gap) + Send),
     ) -> Result<PipelineReport, DbError> {
+        let (db, options, now) = (self.db, self.options, self.now);
         let requests = self
             .defs
             .requests
             .get(&plan.row.id)
             .map_or(&[][..], Vec::as_slice);
-        evaluate(
-            self.db,
-            plan,
-            firing,
-            requests,
-            &self.selections[&plan.selection],
-            memo,
-            self.warm,
-            self.changed_runs,
-            self.options,
-            self.now,
-            self.products,
-            emit,
-        )
-        .await
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn evaluate(
-    db: &Database,
-    plan: &PipelinePlan<'_>,
-    firing: plan::Firing,
-    requests: &[TriggerRequestRow],
-    cache: &SelectionCache,
-    memo: &mut Option<PipelineMemo>,
-    warm: bool,
-    changed_runs: &HashMap<i64, Vec<&str>>,
-    options: &TriggerOptions,
-    now: DateTime<Utc>,
-    index: Option<&ProductIndex>,
-    emit: &mut (dyn FnMut(Gap) + Send),
-) -> Result<PipelineReport, DbError> {
-    let pipeline = plan.row;
-    let mut report = PipelineReport {
-        pipeline: pipeline.name.clone(),
-        ..Default::default()
-    };
-    if !firing.scheduled && requests.is_empty() {
-        return Ok(report);
-    }
-    report.evaluated = true;
-    let view_index: Vec<usize> = plan
-        .steps
-        .iter()
-        .map(|s| cache.view_index(&s.dims))
-        .collect();
-    let views: Vec<&View> = view_index.iter().map(|v| &cache.views[*v]).collect();
-
-    // Incremental only for a continuous pipeline whose definition and selection are as
-    // they were; a firing cron or manual pipeline is looked at in full.
-    let incremental = warm
-        && pipeline.trigger_type == "CONTINUOUS"
-        && !cache.rebuilt
-        && memo
-            .as_ref()
-            .is_some_and(|m| m.digest == plan.digest && m.selection == plan.selection);
-    if !incremental {
-        *memo = Some(PipelineMemo {
-            digest: plan.digest,
-            selection: plan.selection.clone(),
-            held_back: views
-                .iter()
-                .map(|v| FixedBitSet::with_capacity(v.group_count()))
-                .collect(),
-        });
-    }
-    let memo = memo.as_mut().expect("set above");
-    for (bits, view) in memo.held_back.iter_mut().zip(&views) {
-        bits.grow(view.group_count());
-    }
-    report.mode = if incremental {
-        Mode::Incremental
-    } else {
-        Mode::Full
-    };
-
-    let mut budget = if options.dry_run {
-        0
-    } else {
-        options.max_new_runs_per_pipeline
-    };
-    let mut passes: Vec<Pass<'_>> = Vec::new();
-    if firing.scheduled {
-        let targets = if incremental {
-            incremental_targets(
-                plan,
-                &views,
-                &view_index,
-                cache,
-                &memo.held_back,
-                changed_runs,
-                budget,
-            )
-        } else {
-            views.iter().map(|v| all_groups(v)).collect()
+        let cache = &self.selections[&plan.selection];
+        let pipeline = plan.row;
+        let mut report = PipelineReport {
+            pipeline: pipeline.name.clone(),
+            ..Default::default()
         };
-        passes.push(Pass {
-            targets,
-            request: None,
-        });
-    }
-    // A full scheduled pass already covers what a plain request asks for; forced requests
-    // add runs, and under incremental evaluation a plain one re-checks its whole scope.
-    for row in requests
-        .iter()
-        .filter(|r| r.force || !firing.scheduled || incremental)
-    {
-        let targets = plan
+        if !firing.scheduled && requests.is_empty() {
+            return Ok(report);
+        }
+        report.evaluated = true;
+        let view_index: Vec<usize> = plan
             .steps
             .iter()
-            .zip(&views)
-            .map(|(step, view)| {
-                let mut bits = FixedBitSet::with_capacity(view.group_count());
-                if row.reduction_step_id.is_none_or(|s| s == step.row.id) {
-                    match &row.sub_group_key {
-                        Some(key) => {
-                            if let Some(g) = view.group_by_key(key) {
-                                bits.insert(g as usize);
-                            }
-                        }
-                        None => bits.insert_range(..),
-                    }
-                }
-                bits
-            })
+            .map(|s| cache.view_index(&s.dims))
             .collect();
-        passes.push(Pass {
-            targets,
-            request: Some(row),
-        });
-    }
+        let views: Vec<&View> = view_index.iter().map(|v| &cache.views[*v]).collect();
 
-    for pass in &passes {
-        let needed = needed_groups(plan, &views, &pass.targets);
-        // The runs of every needed group of every step, in one or two queries.
-        let mut whole = Vec::new();
-        let mut some: Vec<(i64, &str)> = Vec::new();
-        for ((step, view), bits) in plan.steps.iter().zip(&views).zip(&needed) {
-            let count = bits.count_ones(..);
-            if count == view.group_count() && count > 0 {
-                whole.push(step.row.id);
+        // Incremental only for a continuous pipeline whose definition and selection are as
+        // they were; a firing cron or manual pipeline is looked at in full.
+        let incremental = self.warm
+            && pipeline.trigger_type == "CONTINUOUS"
+            && !cache.rebuilt
+            && memo
+                .as_ref()
+                .is_some_and(|m| m.digest == plan.digest && m.selection == plan.selection);
+        if !incremental {
+            *memo = Some(PipelineMemo {
+                digest: plan.digest,
+                selection: plan.selection.clone(),
+                held_back: views
+                    .iter()
+                    .map(|v| FixedBitSet::with_capacity(v.group_count()))
+                    .collect(),
+            });
+        }
+        let memo = memo.as_mut().expect("set above");
+        for (bits, view) in memo.held_back.iter_mut().zip(&views) {
+            bits.grow(view.group_count());
+        }
+        report.mode = if incremental {
+            Mode::Incremental
+        } else {
+            Mode::Full
+        };
+
+        let mut budget = if options.dry_run {
+            0
+        } else {
+            options.max_new_runs_per_pipeline
+        };
+        let mut passes: Vec<Pass<'_>> = Vec::new();
+        if firing.scheduled {
+            let targets = if incremental {
+                incremental_targets(
+                    plan,
+                    &views,
+                    &view_index,
+                    cache,
+                    &memo.held_back,
+                    self.changed_runs,
+                    budget,
+                )
             } else {
-                some.extend(
-                    bits.ones()
-                        .map(|g| (step.row.id, view.group(g as GroupId).key.as_str())),
-                );
-            }
+                views.iter().map(|v| all_groups(v)).collect()
+            };
+            passes.push(Pass {
+                targets,
+                request: None,
+            });
         }
-        let mut history: HashMap<i64, Vec<RunStamp>> = HashMap::new();
-        for (step, stamp) in db.run_stamps(&whole, &some).await? {
-            history.entry(step).or_default().push(stamp);
-        }
-        let mut states: Vec<StepState> = Vec::with_capacity(plan.steps.len());
-        for (i, step) in plan.steps.iter().enumerate() {
-            let upstream: Vec<Upstream<'_>> = step
-                .upstream
+        // A full scheduled pass already covers what a plain request asks for; forced requests
+        // add runs, and under incremental evaluation a plain one re-checks its whole scope.
+        for row in requests
+            .iter()
+            .filter(|r| r.force || !firing.scheduled || incremental)
+        {
+            let targets = plan
+                .steps
                 .iter()
-                .map(|u| Upstream {
-                    state: &states[*u],
-                    view: views[*u],
-                    same_view: view_index[*u] == view_index[i],
-                    cover: (view_index[*u] != view_index[i] && needed[i].is_full())
-                        .then(|| cache.cover(view_index[i], view_index[*u])),
+                .zip(&views)
+                .map(|(step, view)| {
+                    let mut bits = FixedBitSet::with_capacity(view.group_count());
+                    if row.reduction_step_id.is_none_or(|s| s == step.row.id) {
+                        match &row.sub_group_key {
+                            Some(key) => {
+                                if let Some(g) = view.group_by_key(key) {
+                                    bits.insert(g as usize);
+                                }
+                            }
+                            None => bits.insert_range(..),
+                        }
+                    }
+                    bits
                 })
                 .collect();
-            let outcome = evaluate_step(
-                db,
-                plan,
-                step,
-                history.get(&step.row.id).map_or(&[][..], Vec::as_slice),
-                views[i],
-                &needed[i],
-                &pass.targets[i],
-                pass.request,
-                &upstream,
-                &mut memo.held_back[i],
-                &mut budget,
-                options,
-                now,
-                index,
-                emit,
-            )
-            .await?;
-            report.sub_groups_evaluated += outcome.evaluated;
-            report.gaps_found += outcome.gaps_found;
-            report.deferred += outcome.deferred;
-            report.created += outcome.created;
-            states.push(outcome.state);
+            passes.push(Pass {
+                targets,
+                request: Some(row),
+            });
         }
-    }
 
-    if report.created > 0 {
-        tracing::info!(pipeline = %pipeline.name, mode = ?report.mode, created = report.created,
-            deferred = report.deferred, sub_groups = report.sub_groups_evaluated, "runs created");
-    }
-    if !options.dry_run {
-        for row in requests {
-            db.finish_trigger_request(
-                row.id,
-                false,
-                &format!("{} run(s) created in this cycle", report.created),
-            )
-            .await?;
-        }
-        // Only a cycle that looked at something is worth a write: a steady-state cycle
-        // writes nothing (and its own bookkeeping is no change to read next cycle).
-        if firing.cron_tick.is_some() || !requests.is_empty() || report.sub_groups_evaluated > 0 {
-            db.record_evaluation(pipeline.id, firing.cron_tick, now)
+        for pass in &passes {
+            let needed = needed_groups(plan, &views, &pass.targets);
+            // The runs of every needed group of every step, in one or two queries.
+            let mut whole = Vec::new();
+            let mut some: Vec<(i64, &str)> = Vec::new();
+            for ((step, view), bits) in plan.steps.iter().zip(&views).zip(&needed) {
+                let count = bits.count_ones(..);
+                if count == view.group_count() && count > 0 {
+                    whole.push(step.row.id);
+                } else {
+                    some.extend(
+                        bits.ones()
+                            .map(|g| (step.row.id, view.group(g as GroupId).key.as_str())),
+                    );
+                }
+            }
+            let mut history: HashMap<i64, Vec<RunStamp>> = HashMap::new();
+            for (step, stamp) in db.run_stamps(&whole, &some).await? {
+                history.entry(step).or_default().push(stamp);
+            }
+            let mut states: Vec<StepState> = Vec::with_capacity(plan.steps.len());
+            for (i, step) in plan.steps.iter().enumerate() {
+                let upstream: Vec<Upstream<'_>> = step
+                    .upstream
+                    .iter()
+                    .map(|u| Upstream {
+                        state: &states[*u],
+                        view: views[*u],
+                        same_view: view_index[*u] == view_index[i],
+                        cover: (view_index[*u] != view_index[i] && needed[i].is_full())
+                            .then(|| cache.cover(view_index[i], view_index[*u])),
+                    })
+                    .collect();
+                let outcome = evaluate_step(
+                    self,
+                    plan,
+                    step,
+                    history.get(&step.row.id).map_or(&[][..], Vec::as_slice),
+                    views[i],
+                    &needed[i],
+                    &pass.targets[i],
+                    pass.request,
+                    &upstream,
+                    &mut memo.held_back[i],
+                    &mut budget,
+                    emit,
+                )
                 .await?;
+                report.sub_groups_evaluated += outcome.evaluated;
+                report.gaps_found += outcome.gaps_found;
+                report.deferred += outcome.deferred;
+                report.created += outcome.created;
+                states.push(outcome.state);
+            }
         }
+
+        if report.created > 0 {
+            tracing::info!(pipeline = %pipeline.name, mode = ?report.mode, created = report.created,
+                deferred = report.deferred, sub_groups = report.sub_groups_evaluated, "runs created");
+        }
+        if !options.dry_run {
+            for row in requests {
+                db.finish_trigger_request(
+                    row.id,
+                    false,
+                    &format!("{} run(s) created in this cycle", report.created),
+                )
+                .await?;
+            }
+            // Only a cycle that looked at something is worth a write: a steady-state cycle
+            // writes nothing (and its own bookkeeping is no change to read next cycle).
+            if firing.cron_tick.is_some() || !requests.is_empty() || report.sub_groups_evaluated > 0
+            {
+                db.record_evaluation(pipeline.id, firing.cron_tick, now)
+                    .await?;
+            }
+        }
+        Ok(report)
     }
-    Ok(report)
 }
 
 fn all_groups(view: &View) -> FixedBitSet {

@@ -3,18 +3,18 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
 use fixedbitset::FixedBitSet;
 use serde_json::Value;
 
+use crate::db::DbError;
 use crate::db::pipelines::{NewRun, RunStamp, TriggerRequestRow};
-use crate::db::{Database, DbError};
 
 use super::fingerprint::{Fingerprinter, InputRef, SoftwareRef};
+use super::pass::CycleContext;
 use super::plan::{PipelinePlan, StepPlan};
 use super::selection::Cover;
 use super::view::{GroupId, View};
-use super::{Gap, GapReason, TriggerOptions};
+use super::{Gap, GapReason};
 
 /// Where a sub-group of an evaluated step stands, for the steps downstream of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +118,7 @@ pub(super) struct StepOutcome {
 /// sub-group with no run at all is a gap whatever its fingerprint.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn evaluate_step(
-    db: &Database,
+    cx: &CycleContext<'_>,
     plan: &PipelinePlan<'_>,
     step: &StepPlan<'_>,
     stamps: &[RunStamp],
@@ -129,11 +129,9 @@ pub(super) async fn evaluate_step(
     upstream: &[Upstream<'_>],
     held_back: &mut FixedBitSet,
     budget: &mut usize,
-    options: &TriggerOptions,
-    now: DateTime<Utc>,
-    index: Option<&ProductIndex>,
     emit: &mut (dyn FnMut(Gap) + Send),
 ) -> Result<StepOutcome, DbError> {
+    let (db, options, now) = (cx.db, cx.options, cx.now);
     let mut out = StepOutcome {
         state: StepState {
             name: step.row.name.clone(),
@@ -352,7 +350,7 @@ pub(super) async fn evaluate_step(
         })
         .collect();
     let mut ask = Vec::new();
-    match index.filter(|i| i.steps.contains(&step.row.id)) {
+    match cx.products.filter(|i| i.steps.contains(&step.row.id)) {
         Some(index) => {
             for run in completed {
                 match index.of(run) {
