@@ -559,37 +559,23 @@ impl Database {
         }
     }
 
-    /// Every COMPLETED run of `steps` with each of its products that feed downstream
-    /// steps (every type but LOG; None for a run without any), ordered by run, then
-    /// product: one scan for a cycle that evaluates many pipelines in full, where a query
-    /// per step would probe the index once per run.
-    pub async fn products_of_completed_runs(
-        &self,
-        steps: &[i64],
-    ) -> Result<Vec<(i64, Option<i64>)>, DbError> {
-        const SQL: &str = "SELECT r.id, p.id FROM executed_reduction_step r \
-             LEFT JOIN data_product p \
-               ON p.executed_reduction_step_id = r.id AND p.product_type <> 'LOG' \
-             WHERE r.status = 'COMPLETED' AND r.reduction_step_id {steps}";
-        let what = DbError::query("reading the products of completed runs");
-        let rows: Result<Vec<(i64, Option<i64>)>, sqlx::Error> = match self {
-            Database::Postgres(pool) => {
-                sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("{steps}", "= ANY($1)")))
-                    .bind(steps)
-                    .fetch_all(pool)
-                    .await
-            }
-            Database::Sqlite(pool) => {
-                sqlx::query_as(sqlx::AssertSqlSafe(
-                    SQL.replace("{steps}", "IN (SELECT value FROM json_each($1))"),
-                ))
-                .bind(serde_json::to_string(steps).expect("ids serialise"))
-                .fetch_all(pool)
-                .await
-            }
-        };
+    /// Every product that can feed a downstream step (every type but LOG) as `(run,
+    /// product)`, sorted: one plain scan for a cycle that evaluates many pipelines in
+    /// full. Not joined with the runs: the run history, read anyway, says which runs
+    /// completed, and a join over millions of runs costs more than the products it
+    /// leaves out. Products are registered with their run's completion in one
+    /// transaction, so a run has all of its products here or none.
+    pub async fn products_by_run(&self) -> Result<Vec<(i64, i64)>, DbError> {
+        let mut rows: Vec<(i64, i64)> = on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT executed_reduction_step_id, id FROM data_product \
+                 WHERE product_type <> 'LOG'",
+            )
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(DbError::query("reading the products of runs"))?;
         // Sorted here: in the database, a sort of this size spills to disk.
-        let mut rows = rows.map_err(what)?;
         rows.sort_unstable();
         Ok(rows)
     }

@@ -2,10 +2,11 @@
 //! read, the selections brought up to date, each pipeline evaluated.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use fixedbitset::FixedBitSet;
-use futures_util::{StreamExt, TryStreamExt};
+use tracing::Instrument;
 
 use crate::db::changes::Changes;
 use crate::db::filter_sql::SelectionSpec;
@@ -16,7 +17,7 @@ use super::pass::CycleContext;
 use super::plan::{self, Definitions, PipelinePlan, SelectionKey};
 use super::selection::{REBUILD_ABOVE, SelectionCache, SelectionToBuild};
 use super::step::ProductIndex;
-use super::{CycleReport, GapSink, TriggerOptions};
+use super::{CycleReport, GapSink, PipelineReport, TriggerOptions};
 
 /// What the evaluator remembers of a pipeline between cycles.
 #[derive(Debug)]
@@ -171,7 +172,9 @@ impl Evaluator {
         };
         phase("definitions read");
         let mut plans = Vec::new();
-        for pipeline in &defs.pipelines {
+        // Each plan's pipeline (its index in the definitions) and firing.
+        let mut chosen: Vec<(usize, plan::Firing)> = Vec::new();
+        for (index, pipeline) in defs.pipelines.iter().enumerate() {
             if options
                 .only_pipeline
                 .as_ref()
@@ -188,6 +191,7 @@ impl Evaluator {
             match planned {
                 Ok(p) => {
                     self.errors.remove(&pipeline.id);
+                    chosen.push((index, p.1));
                     plans.push(p);
                 }
                 Err(message) => {
@@ -212,94 +216,82 @@ impl Evaluator {
         phase("selections up to date");
 
         // Runs written since the last cycle, by step.
-        let mut changed_runs: HashMap<i64, Vec<&str>> = HashMap::new();
+        let mut changed_runs: HashMap<i64, Vec<String>> = HashMap::new();
         if let Some(c) = &changes {
             for (step, key) in &c.runs {
-                changed_runs.entry(*step).or_default().push(key);
+                changed_runs.entry(*step).or_default().push(key.clone());
             }
         }
 
-        // A cold cycle evaluates every pipeline in full: the products of their completed
-        // runs are read in one scan, not in a query per step.
+        // A cold cycle evaluates every pipeline in full: the products of completed runs
+        // are read in one scan, not in a query per step.
+        let feeds_downstream = plans
+            .iter()
+            .filter(|(_, firing)| firing.scheduled)
+            .any(|(plan, _)| plan.steps.iter().any(|s| s.feeds_downstream));
         let products = match &changes {
-            None => {
-                let steps: Vec<i64> = plans
-                    .iter()
-                    .filter(|(_, firing)| firing.scheduled)
-                    .flat_map(|(plan, _)| plan.steps.iter())
-                    .filter(|s| s.feeds_downstream)
-                    .map(|s| s.row.id)
-                    .collect();
-                if steps.is_empty() {
-                    None
-                } else {
-                    Some(ProductIndex {
-                        rows: db.products_of_completed_runs(&steps).await?,
-                        steps: steps.into_iter().collect(),
-                    })
-                }
-            }
-            Some(_) => None,
+            None if feeds_downstream => Some(ProductIndex {
+                rows: db.products_by_run().await?,
+            }),
+            _ => None,
         };
         phase("products read");
-        let context = CycleContext {
-            db,
-            defs: &defs,
-            selections: &self.selections,
+        // The plans borrow the definitions, which the evaluations share: made again there.
+        drop(plans);
+        let shared = Arc::new(Shared {
+            db: db.clone(),
+            defs,
+            selections: std::mem::take(&mut self.selections),
             warm: changes.is_some(),
-            changed_runs: &changed_runs,
-            options,
+            changed_runs,
+            options: options.clone(),
             now,
-            products: products.as_ref(),
-        };
-        // Each pipeline's memo is lent to its evaluation and put back after; those of
+            products,
+        });
+        // Each pipeline's memo is lent to its evaluation and given back after; those of
         // pipelines gone or disabled are not, and are forgotten.
         let mut previous = std::mem::take(&mut self.memos);
-        let mut memos: Vec<Option<PipelineMemo>> = plans
-            .iter()
-            .map(|(plan, _)| previous.remove(&plan.row.id))
+        let jobs: Vec<Job> = chosen
+            .into_iter()
+            .map(|(index, firing)| {
+                let memo = previous.remove(&shared.defs.pipelines[index].id);
+                (index, firing, memo)
+            })
             .collect();
         drop(previous);
+        let ids: Vec<i64> = jobs
+            .iter()
+            .map(|(index, ..)| shared.defs.pipelines[*index].id)
+            .collect();
         let evaluated = match sink.as_mut() {
             // A sink takes each gap as it is found, so one pipeline at a time.
             Some(sink) => {
-                let mut reports = Vec::with_capacity(plans.len());
-                for ((plan, firing), memo) in plans.iter().zip(&mut memos) {
+                let mut evaluated = Vec::with_capacity(jobs.len());
+                for (index, firing, mut memo) in jobs {
+                    let plan = shared.plan(index);
                     let mut emit = |gap| sink.gap(gap);
-                    let r = context
-                        .evaluate_pipeline(plan, *firing, memo, &mut emit)
+                    let r = shared
+                        .context()
+                        .evaluate_pipeline(&plan, firing, &mut memo, &mut emit)
                         .await?;
                     sink.pipeline_done(&r);
-                    reports.push(r);
+                    evaluated.push((r, memo));
                 }
-                reports
+                evaluated
             }
-            // Otherwise several at once on PostgreSQL: one pipeline's queries run while
-            // another's sub-groups are evaluated in process.
-            None => {
-                let at_once = match db {
-                    Database::Postgres(_) => PIPELINES_AT_ONCE,
-                    Database::Sqlite(_) => 1,
-                };
-                // Made before the stream (not by a closure inside it): a closure there
-                // defeats the compiler's proof that the cycle's future is Send.
-                let jobs: Vec<_> = plans
-                    .iter()
-                    .zip(&mut memos)
-                    .map(|((plan, firing), memo)| keeping_gaps(&context, plan, *firing, memo))
-                    .collect();
-                futures_util::stream::iter(jobs)
-                    .buffered(at_once)
-                    .try_collect()
-                    .await?
-            }
+            None => evaluate_in_parallel(&shared, jobs).await?,
         };
-        report.pipelines = evaluated;
-        self.memos = plans
-            .iter()
+        let Shared {
+            defs, selections, ..
+        } = Arc::into_inner(shared).expect("every evaluation has ended");
+        self.selections = selections;
+        let (reports, memos): (Vec<_>, Vec<_>) = evaluated.into_iter().unzip();
+        self.memos = ids
+            .into_iter()
             .zip(memos)
-            .filter_map(|((plan, _), memo)| Some((plan.row.id, memo?)))
+            .filter_map(|(id, memo)| Some((id, memo?)))
             .collect();
+        report.pipelines = reports;
         phase("pipelines evaluated");
 
         if !options.dry_run
@@ -310,7 +302,6 @@ impl Evaluator {
             db.prune_tombstones(now - chrono::Duration::days(1)).await?;
             self.pruned_at = Some(now);
         }
-        drop(plans);
         self.definitions = Some((location, defs));
         self.horizon = Some(horizon);
         Ok(report)
@@ -401,20 +392,102 @@ impl Evaluator {
     }
 }
 
-/// Evaluates a pipeline whose report keeps its gaps.
-async fn keeping_gaps(
-    context: &CycleContext<'_>,
-    plan: &PipelinePlan<'_>,
-    firing: plan::Firing,
-    memo: &mut Option<PipelineMemo>,
-) -> Result<crate::trigger::PipelineReport, DbError> {
-    let mut kept = Vec::new();
-    let mut emit = |gap| kept.push(gap);
-    let mut report = context
-        .evaluate_pipeline(plan, firing, memo, &mut emit)
-        .await?;
-    report.gaps = kept;
-    Ok(report)
+/// What the evaluations of a cycle's pipelines share, owned so that each can run as a
+/// task of its own (on another core: a restart's evaluation is mostly in-process work).
+struct Shared {
+    db: Database,
+    defs: Definitions,
+    selections: HashMap<SelectionKey, SelectionCache>,
+    warm: bool,
+    changed_runs: HashMap<i64, Vec<String>>,
+    options: TriggerOptions,
+    now: DateTime<Utc>,
+    products: Option<ProductIndex>,
+}
+
+impl Shared {
+    fn context(&self) -> CycleContext<'_> {
+        CycleContext {
+            db: &self.db,
+            defs: &self.defs,
+            selections: &self.selections,
+            warm: self.warm,
+            changed_runs: &self.changed_runs,
+            options: &self.options,
+            now: self.now,
+            products: self.products.as_ref(),
+        }
+    }
+
+    /// The plan of the pipeline at `index` of the definitions, which planned without
+    /// error earlier in the cycle (planning is a pure function of the definitions).
+    fn plan(&self, index: usize) -> PipelinePlan<'_> {
+        plan::plan(&self.defs.pipelines[index], &self.defs).expect("planned earlier in the cycle")
+    }
+}
+
+/// A pipeline to evaluate: its index in the definitions, its firing and its memo.
+type Job = (usize, plan::Firing, Option<PipelineMemo>);
+
+/// Evaluates the pipelines of `jobs` in a few tasks (lanes), each taking the next
+/// pipeline when done with one: one pipeline's queries run while another's sub-groups
+/// are evaluated, on both cores. A lane per pipeline would cost a quiet cycle a task
+/// hand-off per pipeline. Reports keep their gaps and come back in the jobs' order.
+async fn evaluate_in_parallel(
+    shared: &Arc<Shared>,
+    jobs: Vec<Job>,
+) -> Result<Vec<(PipelineReport, Option<PipelineMemo>)>, DbError> {
+    let lanes = match shared.db {
+        Database::Postgres(_) => PIPELINES_AT_ONCE,
+        Database::Sqlite(_) => 1,
+    };
+    let count = jobs.len();
+    let queue: Arc<Mutex<std::vec::IntoIter<(usize, Job)>>> = Arc::new(Mutex::new(
+        jobs.into_iter().enumerate().collect::<Vec<_>>().into_iter(),
+    ));
+    // Dropped on an error: the lanes still running are aborted with it.
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..lanes.min(count) {
+        let (shared, queue) = (Arc::clone(shared), Arc::clone(&queue));
+        running.spawn(
+            async move {
+                let mut done = Vec::new();
+                loop {
+                    let next = queue
+                        .lock()
+                        .expect("never poisoned: no panics inside")
+                        .next();
+                    let Some((slot, (index, firing, mut memo))) = next else {
+                        return Ok::<_, DbError>(done);
+                    };
+                    let plan = shared.plan(index);
+                    let mut gaps = Vec::new();
+                    let mut emit = |gap| gaps.push(gap);
+                    let report = shared
+                        .context()
+                        .evaluate_pipeline(&plan, firing, &mut memo, &mut emit)
+                        .await?;
+                    done.push((slot, PipelineReport { gaps, ..report }, memo));
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    let mut done: Vec<Option<(PipelineReport, Option<PipelineMemo>)>> =
+        (0..count).map(|_| None).collect();
+    while let Some(lane) = running.join_next().await {
+        let lane = lane.unwrap_or_else(|e| match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => unreachable!("the set is never cancelled while awaited: {e}"),
+        });
+        for (slot, report, memo) in lane? {
+            done[slot] = Some((report, memo));
+        }
+    }
+    Ok(done
+        .into_iter()
+        .map(|d| d.expect("every job was taken by a lane"))
+        .collect())
 }
 
 async fn load_definitions(db: &Database, location: i64) -> Result<Definitions, DbError> {

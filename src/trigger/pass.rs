@@ -33,7 +33,7 @@ pub(super) struct CycleContext<'a> {
     /// Not the first cycle: changes since the last are known.
     pub warm: bool,
     /// Runs written since the last cycle, by step.
-    pub changed_runs: &'a HashMap<i64, Vec<&'a str>>,
+    pub changed_runs: &'a HashMap<i64, Vec<String>>,
     pub options: &'a TriggerOptions,
     pub now: DateTime<Utc>,
     /// The products of completed runs, when read once for the whole cycle.
@@ -267,7 +267,7 @@ fn incremental_targets(
     view_index: &[usize],
     cache: &SelectionCache,
     held_back: &[FixedBitSet],
-    changed_runs: &HashMap<i64, Vec<&str>>,
+    changed_runs: &HashMap<i64, Vec<String>>,
     budget: usize,
 ) -> Vec<FixedBitSet> {
     let mut targets: Vec<FixedBitSet> = Vec::with_capacity(plan.steps.len());

@@ -70,23 +70,22 @@ impl StepState {
     }
 }
 
-/// The products of the runs that were COMPLETED when it was read, read once for a cycle
-/// that evaluates many pipelines in full (a restart) rather than a query per step.
+/// The products of every run as they stood when read, read once for a cycle that
+/// evaluates many pipelines in full (a restart) rather than a query per step.
 #[derive(Debug)]
 pub(super) struct ProductIndex {
-    /// The steps whose completed runs it holds.
-    pub(super) steps: std::collections::HashSet<i64>,
-    /// `(run, product)`, sorted by run; None for a run without products.
-    pub(super) rows: Vec<(i64, Option<i64>)>,
+    /// `(run, product)`, sorted.
+    pub(super) rows: Vec<(i64, i64)>,
 }
 
 impl ProductIndex {
-    /// A run's products; None when the run had not completed when the index was read
-    /// (it completed since, and is asked for on its own).
+    /// A completed run's products; None when the index has none of them: the run
+    /// completed after the index was read, or has no products, and is asked for on its
+    /// own (a run's products are registered with its completion, all at once).
     fn of(&self, run: i64) -> Option<impl Iterator<Item = i64> + '_> {
         let start = self.rows.partition_point(|(r, _)| *r < run);
         let len = self.rows[start..].partition_point(|(r, _)| *r == run);
-        (len > 0).then(|| self.rows[start..start + len].iter().filter_map(|(_, p)| *p))
+        (len > 0).then(|| self.rows[start..start + len].iter().map(|(_, p)| *p))
     }
 }
 
@@ -350,7 +349,7 @@ pub(super) async fn evaluate_step(
         })
         .collect();
     let mut ask = Vec::new();
-    match cx.products.filter(|i| i.steps.contains(&step.row.id)) {
+    match cx.products {
         Some(index) => {
             for run in completed {
                 match index.of(run) {
@@ -390,16 +389,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_product_index_tells_a_run_without_products_from_one_it_never_saw() {
+    fn the_product_index_finds_each_runs_products_and_nothing_for_others() {
         let index = ProductIndex {
-            steps: [1].into(),
-            rows: vec![(3, Some(30)), (3, Some(31)), (5, None), (8, Some(80))],
+            rows: vec![(3, 30), (3, 31), (8, 80)],
         };
         let of = |run| index.of(run).map(|p| p.collect::<Vec<_>>());
         assert_eq!(of(3), Some(vec![30, 31]));
-        assert_eq!(of(5), Some(vec![]), "completed without products");
         assert_eq!(of(8), Some(vec![80]));
-        // Not completed when the index was read: asked for on its own.
+        // Not in the index (completed since, or without products): asked for on its own.
         assert_eq!(of(4), None);
         assert_eq!(of(1), None);
         assert_eq!(of(9), None);
