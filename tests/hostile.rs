@@ -430,6 +430,10 @@ async fn a_software_command_that_is_not_a_list_fails_only_its_runs() {
             assert_eq!(r.status, "FAILED", "{}: {r:?}", t.url);
             let reason = r.error_message.as_deref().unwrap_or_default();
             assert!(reason.contains("not a JSON list of strings"), "{reason}");
+            assert!(
+                reason.starts_with("broken 1.0.0"),
+                "the broken software's: {reason}"
+            );
         }
     }
 }
