@@ -284,7 +284,11 @@ async fn finished(
     };
     let preview = trigger::run_cycle(db, &options, Utc::now()).await?;
     let gaps: usize = preview.pipelines.iter().map(|p| p.gaps_found).sum();
-    Ok((gaps == 0).then_some(Outcome::Completed))
+    // The trigger-manager may have created runs between the counts and the preview (the
+    // next step's, once the last upstream run completed); the preview then finds no gap
+    // though the work is not done. Done only if the counts still hold afterwards.
+    let unchanged = db.step_status_counts(PIPELINE).await? == counts;
+    Ok((gaps == 0 && unchanged).then_some(Outcome::Completed))
 }
 
 /// The live display: a table of runs per step and state, redrawn in place on a
@@ -391,4 +395,52 @@ async fn print_results(db: &Database) -> anyhow::Result<()> {
         views::print_product_lineage(&lineage);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::runs::StepCount;
+
+    /// The watcher read "8 calibrate runs, all COMPLETED"; before it asks for the gaps,
+    /// a trigger cycle creates runs. The gap preview then finds none, yet the demo is not
+    /// done.
+    #[tokio::test]
+    async fn runs_created_after_the_counts_were_read_are_not_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::config::LoadContext {
+            env_vars: Default::default(),
+            cwd: dir.path().into(),
+        };
+        let base = Settings::load_with(&ctx, Some(&[])).unwrap();
+        let settings = demo_settings(dir.path(), base);
+        let software_dir = dir.path().join("software");
+        write_file(&software_dir.join("steps.py"), STEPS_PY.as_bytes()).unwrap();
+        let archive = write_archive(dir.path()).unwrap();
+        let db = Database::connect(&settings.database).await.unwrap();
+        db.migrate().await.unwrap();
+        db.seed_demo_archive(&archive).await.unwrap();
+        assert!(apply_pipeline(&db, &software_dir).await.unwrap());
+        let count = |step: &str, status: Option<&str>, runs| StepCount {
+            step: step.into(),
+            status: status.map(Into::into),
+            runs,
+        };
+        let read_before = vec![
+            count("calibrate", Some("COMPLETED"), 8),
+            count("baseline", None, 0),
+            count("map", None, 0),
+        ];
+
+        let options = TriggerOptions::from_settings(&settings, false);
+        let cycle = trigger::run_cycle(&db, &options, Utc::now()).await.unwrap();
+        assert!(cycle.created() > 0, "the trigger cycle created no run");
+
+        let outcome = finished(&db, &settings, &read_before).await.unwrap();
+        assert!(
+            outcome.is_none(),
+            "the demo ended with runs it had not seen"
+        );
+        db.close().await;
+    }
 }

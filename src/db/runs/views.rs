@@ -16,7 +16,7 @@ pub struct StatusCount {
 }
 
 /// Runs of one step in one status.
-#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct StepCount {
     pub step: String,
     pub status: Option<String>,
