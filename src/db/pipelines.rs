@@ -391,29 +391,34 @@ impl Database {
         .map_err(DbError::query("finishing a trigger request"))
     }
 
-    /// Remembers that a pipeline was evaluated (and for which cron tick).
-    pub async fn record_evaluation(
+    /// Remembers which pipelines were evaluated at `at` (and for which cron tick), in one
+    /// statement. Rows go in pipeline order so two trigger-managers lock them alike.
+    pub async fn record_evaluations(
         &self,
-        pipeline_id: i64,
-        cron_tick: Option<DateTime<Utc>>,
+        evaluated: &[(i64, Option<DateTime<Utc>>)],
         at: DateTime<Utc>,
     ) -> Result<(), DbError> {
+        if evaluated.is_empty() {
+            return Ok(());
+        }
+        let mut rows = evaluated.to_vec();
+        rows.sort_by_key(|(id, _)| *id);
+        rows.dedup_by_key(|(id, _)| *id);
         on_pool!(self, pool => {
-            sqlx::query(
-                "INSERT INTO pipeline_trigger_state (pipeline_id, last_cron_tick, last_evaluated_at) \
-                 VALUES ($1, $2, $3) \
-                 ON CONFLICT (pipeline_id) DO UPDATE SET \
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO pipeline_trigger_state (pipeline_id, last_cron_tick, last_evaluated_at) ",
+            );
+            insert.push_values(&rows, |mut row, (id, tick)| {
+                row.push_bind(*id).push_bind(*tick).push_bind(at);
+            });
+            insert.push(
+                " ON CONFLICT (pipeline_id) DO UPDATE SET \
                    last_cron_tick = COALESCE(excluded.last_cron_tick, pipeline_trigger_state.last_cron_tick), \
                    last_evaluated_at = excluded.last_evaluated_at",
-            )
-            .bind(pipeline_id)
-            .bind(cron_tick)
-            .bind(at)
-            .execute(pool)
-            .await
-            .map(drop)
+            );
+            insert.build().execute(pool).await.map(drop)
         })
-        .map_err(DbError::query("recording a pipeline evaluation"))
+        .map_err(DbError::query("recording pipeline evaluations"))
     }
 
     /// Creates PENDING runs with their inputs in one transaction. A run whose (step,

@@ -263,6 +263,16 @@ impl Evaluator {
             .iter()
             .map(|(index, ..)| shared.defs.pipelines[*index].id)
             .collect();
+        let ticks: Vec<(bool, Option<DateTime<Utc>>)> = jobs
+            .iter()
+            .map(|(index, firing, _)| {
+                let id = shared.defs.pipelines[*index].id;
+                (
+                    shared.defs.requests.get(&id).is_some_and(|r| !r.is_empty()),
+                    firing.cron_tick,
+                )
+            })
+            .collect();
         let evaluated = match sink.as_mut() {
             // A sink takes each gap as it is found, so one pipeline at a time.
             Some(sink) => {
@@ -286,6 +296,21 @@ impl Evaluator {
         } = Arc::into_inner(shared).expect("every evaluation has ended");
         self.selections = selections;
         let (reports, memos): (Vec<_>, Vec<_>) = evaluated.into_iter().unzip();
+        if !options.dry_run {
+            // Only a pipeline that was looked at is worth a write: a steady-state cycle
+            // writes nothing (its own bookkeeping would be a change to read next cycle).
+            // One statement for all of them, not a round trip each.
+            let looked_at: Vec<(i64, Option<DateTime<Utc>>)> = ids
+                .iter()
+                .zip(&ticks)
+                .zip(&reports)
+                .filter(|((_, (requested, tick)), r)| {
+                    r.evaluated && (tick.is_some() || *requested || r.sub_groups_evaluated > 0)
+                })
+                .map(|((id, (_, tick)), _)| (*id, *tick))
+                .collect();
+            db.record_evaluations(&looked_at, now).await?;
+        }
         self.memos = ids
             .into_iter()
             .zip(memos)

@@ -50,7 +50,7 @@ impl CycleContext<'_> {
         memo: &mut Option<PipelineMemo>,
         emit: &mut (dyn FnMut(Gap) + Send),
     ) -> Result<PipelineReport, DbError> {
-        let (db, options, now) = (self.db, self.options, self.now);
+        let (db, options) = (self.db, self.options);
         let requests = self
             .defs
             .requests
@@ -225,13 +225,6 @@ impl CycleContext<'_> {
                     &format!("{} run(s) created in this cycle", report.created),
                 )
                 .await?;
-            }
-            // Only a cycle that looked at something is worth a write: a steady-state cycle
-            // writes nothing (and its own bookkeeping is no change to read next cycle).
-            if firing.cron_tick.is_some() || !requests.is_empty() || report.sub_groups_evaluated > 0
-            {
-                db.record_evaluation(pipeline.id, firing.cron_tick, now)
-                    .await?;
             }
         }
         Ok(report)
