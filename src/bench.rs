@@ -23,6 +23,9 @@ pub struct TriggerBench {
     pub keep: bool,
 }
 
+/// How many no-change cycles the fresh benchmark times.
+const NO_CHANGE_CYCLES: usize = 25;
+
 /// The figures of one trigger benchmark run.
 #[derive(Debug, Clone, Serialize)]
 pub struct TriggerFigures {
@@ -36,8 +39,9 @@ pub struct TriggerFigures {
     pub floor_server_ms: Option<f64>,
     pub full_cycle_ms: f64,
     pub gaps_found: usize,
-    /// Median of five cycles in which nothing changed.
+    /// Median of [`NO_CHANGE_CYCLES`] cycles in which nothing changed, and the slowest.
     pub no_change_cycle_ms: f64,
+    pub no_change_slowest_ms: f64,
     pub new_packages: i64,
     pub new_packages_cycle_ms: f64,
     pub new_packages_gaps: usize,
@@ -134,7 +138,7 @@ async fn synthetic_archive(db: &Database, bench: &TriggerBench) -> Result<Archiv
     db.generate_archive(&shape).await?;
     db.install_synthetic_pipelines(bench.pipelines_per_module)
         .await?;
-    db.analyze().await?;
+    db.settle().await?;
     Ok(shape)
 }
 
@@ -164,8 +168,10 @@ async fn trigger_on(db: &Database, bench: &TriggerBench) -> Result<TriggerFigure
     let gaps_found = gaps(&report);
     let (rss_mb, _) = memory_mb();
 
+    // Many: the first run of the marks query on each of the pool's connections pays a
+    // new backend's catalogue load and planning (3-5 ms against 0.2 ms after).
     let mut quiet = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..NO_CHANGE_CYCLES {
         let (elapsed, report) = timed_cycle(&mut evaluator, db, &plan_only).await?;
         assert_eq!(report.changed_packages + report.changed_runs, 0);
         quiet.push(elapsed);
@@ -197,6 +203,7 @@ async fn trigger_on(db: &Database, bench: &TriggerBench) -> Result<TriggerFigure
         full_cycle_ms: ms(full),
         gaps_found,
         no_change_cycle_ms: ms(quiet[quiet.len() / 2]),
+        no_change_slowest_ms: ms(quiet[quiet.len() - 1]),
         new_packages,
         new_packages_cycle_ms: ms(after_new),
         new_packages_gaps,
@@ -236,10 +243,14 @@ pub fn render_trigger(f: &TriggerFigures) -> String {
         verdict(f.full_cycle_ms <= floor_goal && f.full_cycle_ms < 10_000.0)
     );
     out += &format!(
-        "  no-change cycle (median of 5)      {:>10.2} ms   goal <= full/500 = {:.2} ms and < 20 ms: {}\n",
+        "  no-change cycle (median of {NO_CHANGE_CYCLES})     {:>10.2} ms   goal <= full/500 = {:.2} ms and < 20 ms: {}\n",
         f.no_change_cycle_ms,
         f.full_cycle_ms / 500.0,
         verdict(f.no_change_cycle_ms <= f.full_cycle_ms / 500.0 && f.no_change_cycle_ms < 20.0)
+    );
+    out += &format!(
+        "      the slowest of the {NO_CHANGE_CYCLES}             {:>10.2} ms   (not a goal; see README)\n",
+        f.no_change_slowest_ms
     );
     out += &format!(
         "  cycle after {} new packages       {:>10.1} ms   goal <= full/50 = {:.1} ms and < 200 ms: {}\n",
@@ -358,7 +369,7 @@ async fn mature_on(
     }
     drop(builder);
     db.add_older_runs(20).await?;
-    db.analyze().await?;
+    db.settle().await?;
     let build_s = started.elapsed().as_secs_f64();
     let (runs, products) = db.run_and_product_counts().await?;
 
