@@ -33,8 +33,6 @@ pub(super) struct StepState {
     pub(super) name: String,
     /// By group id; `None` for groups the pass did not need.
     pub(super) progress: Vec<Option<Progress>>,
-    /// The products of its completed runs, by run.
-    pub(super) products: HashMap<i64, Vec<i64>>,
 }
 
 impl StepState {
@@ -44,6 +42,7 @@ impl StepState {
         &self,
         view: &View,
         groups: &[GroupId],
+        products_of: &HashMap<i64, Vec<i64>>,
         products: &mut Vec<i64>,
         excluded: &mut Vec<Value>,
     ) -> bool {
@@ -57,7 +56,7 @@ impl StepState {
                 .unwrap_or(Progress::InFlight)
             {
                 Progress::Completed { run_id } => {
-                    products.extend(self.products.get(&run_id).into_iter().flatten().copied());
+                    products.extend(products_of.get(&run_id).into_iter().flatten().copied());
                 }
                 Progress::InFlight => wait = true,
                 Progress::FailedForGood => excluded.push(serde_json::json!({
@@ -99,6 +98,36 @@ pub(super) struct Upstream<'a> {
     pub(super) cover: Option<Cover>,
 }
 
+impl Upstream<'_> {
+    /// The groups of this upstream step that hold the packages of downstream group `g`
+    /// (`members`).
+    fn groups_for(&self, g: usize, members: &[i64]) -> UpstreamGroups<'_> {
+        match &self.cover {
+            _ if self.same_view => UpstreamGroups::Same([g as GroupId]),
+            Some(cover) => UpstreamGroups::Covered(&cover[g]),
+            None => UpstreamGroups::LookedUp(self.view.groups_of(members)),
+        }
+    }
+}
+
+/// [`Upstream::groups_for`]: without an allocation where the groups are known already.
+enum UpstreamGroups<'a> {
+    Same([GroupId; 1]),
+    Covered(&'a [GroupId]),
+    LookedUp(Vec<GroupId>),
+}
+
+impl std::ops::Deref for UpstreamGroups<'_> {
+    type Target = [GroupId];
+    fn deref(&self) -> &[GroupId] {
+        match self {
+            UpstreamGroups::Same(one) => one,
+            UpstreamGroups::Covered(groups) => groups,
+            UpstreamGroups::LookedUp(groups) => groups,
+        }
+    }
+}
+
 /// What evaluating one step found.
 #[derive(Debug, Default)]
 pub(super) struct StepOutcome {
@@ -135,7 +164,6 @@ pub(super) async fn evaluate_step(
         state: StepState {
             name: step.row.name.clone(),
             progress: vec![None; view.group_count()],
-            ..Default::default()
         },
         ..Default::default()
     };
@@ -167,6 +195,7 @@ pub(super) async fn evaluate_step(
         Fingerprinter::new(&software, &salted)
     });
     let mut to_create: Vec<(Gap, NewRun)> = Vec::new();
+    let products_of = upstream_products(cx, view, needed, upstream).await?;
 
     for g in needed.ones() {
         let group = view.group(g as GroupId);
@@ -181,20 +210,10 @@ pub(super) async fn evaluate_step(
         let mut excluded = Vec::new();
         let mut wait = false;
         for up in upstream {
-            // The upstream groups holding this group's packages.
-            let same = [g as GroupId];
-            let looked_up;
-            let groups: &[GroupId] = match &up.cover {
-                _ if up.same_view => &same,
-                Some(cover) => &cover[g],
-                None => {
-                    looked_up = up.view.groups_of(&group.members);
-                    &looked_up
-                }
-            };
-            wait |= up
-                .state
-                .inputs_for(up.view, groups, &mut products, &mut excluded);
+            let groups = up.groups_for(g, &group.members);
+            wait |=
+                up.state
+                    .inputs_for(up.view, &groups, &products_of, &mut products, &mut excluded);
         }
         if wait {
             out.state.progress[g] = Some(Progress::InFlight);
@@ -335,41 +354,64 @@ pub(super) async fn evaluate_step(
         }
     }
 
-    // The products of completed runs, for the steps downstream (if there are any).
-    if !step.feeds_downstream {
-        return Ok(out);
+    Ok(out)
+}
+
+/// The products of the completed upstream runs that the groups of `needed` which can go
+/// ahead take as inputs, by run. A group waiting for an upstream run in flight needs
+/// none: most groups an incremental pass looks at wait (a source whose new scan is not
+/// calibrated yet), and reading the products of all of the source's scans for them cost
+/// a query per step and cycle.
+async fn upstream_products(
+    cx: &CycleContext<'_>,
+    view: &View,
+    needed: &FixedBitSet,
+    upstream: &[Upstream<'_>],
+) -> Result<HashMap<i64, Vec<i64>>, DbError> {
+    let mut products: HashMap<i64, Vec<i64>> = HashMap::new();
+    if upstream.is_empty() {
+        return Ok(products);
     }
-    let completed: Vec<i64> = out
-        .state
-        .progress
-        .iter()
-        .filter_map(|p| match p {
-            Some(Progress::Completed { run_id }) => Some(*run_id),
-            _ => None,
-        })
-        .collect();
-    let mut ask = Vec::new();
-    match cx.products {
-        Some(index) => {
-            for run in completed {
-                match index.of(run) {
-                    Some(products) => {
-                        out.state.products.entry(run).or_default().extend(products);
-                    }
-                    None => ask.push(run),
+    let mut runs = Vec::new();
+    let mut completed = Vec::new();
+    for g in needed.ones() {
+        let group = view.group(g as GroupId);
+        completed.clear();
+        let mut wait = false;
+        for up in upstream {
+            for &u in up.groups_for(g, &group.members).iter() {
+                match up.state.progress.get(u as usize).copied().flatten() {
+                    Some(Progress::Completed { run_id }) => completed.push(run_id),
+                    Some(Progress::FailedForGood) => {}
+                    Some(Progress::InFlight) | None => wait = true,
                 }
             }
         }
-        None => ask = completed,
+        if !wait {
+            runs.extend_from_slice(&completed);
+        }
     }
-    for (run_id, product_id) in db.products_of_runs(&ask).await? {
-        out.state
-            .products
-            .entry(run_id)
-            .or_default()
-            .push(product_id);
+    runs.sort_unstable();
+    runs.dedup();
+    let ask = match cx.products {
+        // A cold cycle's index of every run's products; runs completed since it was read
+        // are asked for.
+        Some(index) => runs
+            .into_iter()
+            .filter(|run| match index.of(*run) {
+                Some(found) => {
+                    products.entry(*run).or_default().extend(found);
+                    false
+                }
+                None => true,
+            })
+            .collect(),
+        None => runs,
+    };
+    for (run, product) in cx.db.products_of_runs(&ask).await? {
+        products.entry(run).or_default().push(product);
     }
-    Ok(out)
+    Ok(products)
 }
 
 fn progress_of(run: Option<&RunStamp>) -> Progress {
