@@ -25,13 +25,7 @@ pub const TASK_COLLECT_RUN: &str = "ccat_workflow_manager.tasks.collect_run";
 /// Hand-offs published per Redis round trip.
 const BATCH: i64 = 500;
 
-/// Where per-run work runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DispatchMode {
-    Inline,
-    Celery,
-}
+pub use crate::config::DispatchMode;
 
 fn handoff(task_name: &str, queue: &str, run_id: i64, location: i64) -> Handoff {
     Handoff {

@@ -15,9 +15,6 @@ use serde_json::{Map, Value};
 pub use dynaconf::{DynaconfError, LoadContext};
 pub use secret::Secret;
 
-pub use crate::dispatch::DispatchMode;
-pub use crate::workflow::command::ContainerRuntime;
-
 /// Prefix of ops-db's environment variables, read for the database connection.
 pub const OPS_DB_PREFIX: &str = "CCAT_OPS_DB_";
 
@@ -109,6 +106,27 @@ impl StagingMode {
         ("local", StagingMode::Local),
         ("data-transfer", StagingMode::DataTransfer),
     ];
+}
+
+/// How the software is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerRuntime {
+    /// `apptainer exec` with the bind mounts of SPEC §6.
+    Apptainer,
+    /// The command itself, with the same environment and host paths (development, tests).
+    None,
+    /// The backend runs the image itself (Kubernetes): the command with container paths,
+    /// and the mounts the pod must provide.
+    Pod,
+}
+
+/// Where per-run work runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DispatchMode {
+    Inline,
+    Celery,
 }
 
 const RUNTIMES: &[(&str, ContainerRuntime)] = &[

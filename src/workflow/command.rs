@@ -9,18 +9,7 @@ use serde::Serialize;
 
 use super::layout::{RunLayout, container};
 
-/// How the software is started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ContainerRuntime {
-    /// `apptainer exec` with the bind mounts of SPEC §6.
-    Apptainer,
-    /// The command itself, with the same environment and host paths (development, tests).
-    None,
-    /// The backend runs the image itself (Kubernetes): the command with container paths,
-    /// and the mounts the pod must provide.
-    Pod,
-}
+pub use crate::config::ContainerRuntime;
 
 /// A program, its arguments and the environment it adds; nothing here is parsed by a shell.
 #[derive(Debug, Clone, PartialEq, Serialize)]
