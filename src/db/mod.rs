@@ -8,27 +8,53 @@
 
 pub mod changes;
 pub mod definitions;
+pub mod demo;
 pub mod filter_sql;
 pub mod lineage;
 pub mod outbox;
 pub mod pipelines;
 pub mod runs;
 pub mod schema;
+#[cfg(feature = "bench")]
 pub mod scratch;
+#[cfg(feature = "bench")]
 pub mod synthetic;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::migrate::Migrator;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 use crate::config::DatabaseSettings;
 
 static PG_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
-static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+/// SQLite's migration files; migration 3 is generated (see [`sqlite_migrator`]).
+static SQLITE_MIGRATION_FILES: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// SQLite's migrations: the files, and migration 3, the change tracking generated from
+/// the list of tracked tables ([`schema::sqlite_change_tracking_sql`]).
+fn sqlite_migrator() -> &'static Migrator {
+    static MIGRATOR: std::sync::OnceLock<Migrator> = std::sync::OnceLock::new();
+    MIGRATOR.get_or_init(|| {
+        use sqlx::SqlSafeStr;
+        let generated = Migration::new(
+            3,
+            "change tracking".into(),
+            MigrationType::Simple,
+            sqlx::AssertSqlSafe(schema::sqlite_change_tracking_sql()).into_sql_str(),
+            false,
+        );
+        let migrations = SQLITE_MIGRATION_FILES
+            .iter()
+            .cloned()
+            .chain(std::iter::once(generated))
+            .collect();
+        Migrator::with_migrations(migrations)
+    })
+}
 
 /// Errors of the database layer. Connection errors name the target, never the password.
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +239,7 @@ impl Database {
         let before = self.applied_migrations().await?;
         let result = match self {
             Database::Postgres(pool) => PG_MIGRATOR.run(pool).await,
-            Database::Sqlite(pool) => SQLITE_MIGRATOR.run(pool).await,
+            Database::Sqlite(pool) => sqlite_migrator().run(pool).await,
         };
         result.map_err(|source| DbError::Migrate {
             target: self.describe(),
@@ -464,6 +490,23 @@ fn check_sqlite_file(path: &std::path::Path) -> Result<(), DbError> {
         path: path.display().to_string(),
         reason,
     })
+}
+
+/// `url` with its database replaced by `database` (query parameters kept).
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{root}/{database}?{q}"),
+        None => format!("{root}/{database}"),
+    }
 }
 
 /// Drops the password from a database URL before it is shown anywhere.

@@ -291,7 +291,8 @@ pub const TABLES: &[Table] = &[
 ];
 
 /// Tables whose writes the trigger-manager follows through change marks
-/// (`migrations/*/0003_change_tracking.sql`): each needs its triggers, or the evaluation
+/// (`migrations/postgres/0003_change_tracking.sql`, [`sqlite_change_tracking_sql`]): each
+/// needs its triggers, or the evaluation
 /// silently never sees what is written there.
 pub const TRACKED_TABLES: &[&str] = &[
     "instrument",
@@ -311,6 +312,82 @@ pub const TRACKED_TABLES: &[&str] = &[
     "trigger_request",
     "pipeline_trigger_state",
 ];
+
+/// How many of [`TRACKED_TABLES`], from the first, have their change mark indexed: the
+/// evaluation reads them row by row; of the small definition tables it only asks
+/// whether anything changed.
+const INDEXED_TRACKED_TABLES: usize = 8;
+
+/// Tracked tables without an `id` column: their tombstones carry row id 0.
+const TRACKED_WITHOUT_ID: &[&str] = &["reduction_step_dependency", "pipeline_trigger_state"];
+
+/// SQLite's change tracking (migration 3), generated from [`TRACKED_TABLES`]: SQLite has
+/// no procedural DDL to loop with, as the PostgreSQL migration does. Databases migrated
+/// earlier recorded the checksum of this exact text (then a file), so it must not change;
+/// the later migrations change what is needed.
+pub fn sqlite_change_tracking_sql() -> String {
+    let mut sql = String::from(
+        "-- Change tracking for incremental trigger evaluation (see the PostgreSQL migration).
+--
+-- SQLite runs one writer at a time, so a counter is enough: every insert or update of a
+-- tracked row takes the next value of change_clock as its change_mark, and a reader's
+-- horizon is the clock's value + 1 read before it reads. Deletions leave a tombstone.
+
+CREATE TABLE change_clock (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    value INTEGER NOT NULL
+);
+INSERT INTO change_clock (id, value) VALUES (1, 0);
+
+CREATE TABLE change_tombstone (
+    table_name  TEXT NOT NULL,
+    row_id      INTEGER NOT NULL,
+    change_mark INTEGER NOT NULL,
+    deleted_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'))
+);
+CREATE INDEX ix_change_tombstone_change_mark ON change_tombstone (change_mark);
+",
+    );
+    // Each write takes the clock's next value: insert, update (unless the update is the
+    // trigger's own, which sets the mark), and delete (as a tombstone).
+    let set_mark = |t: &str| {
+        format!(
+            "BEGIN
+    UPDATE change_clock SET value = value + 1;
+    UPDATE {t} SET change_mark = (SELECT value FROM change_clock) WHERE rowid = NEW.rowid;
+END;
+"
+        )
+    };
+    for (i, t) in TRACKED_TABLES.iter().enumerate() {
+        sql += &format!("\nALTER TABLE {t} ADD COLUMN change_mark INTEGER NOT NULL DEFAULT 0;\n");
+        if i < INDEXED_TRACKED_TABLES {
+            sql += &format!("CREATE INDEX ix_{t}_change_mark ON {t} (change_mark);\n");
+        }
+        sql += &format!("CREATE TRIGGER {t}_change_mark_insert AFTER INSERT ON {t}\n");
+        sql += &set_mark(t);
+        sql += &format!(
+            "CREATE TRIGGER {t}_change_mark_update AFTER UPDATE ON {t}\n\
+             WHEN NEW.change_mark IS OLD.change_mark\n"
+        );
+        sql += &set_mark(t);
+        let row_id = if TRACKED_WITHOUT_ID.contains(t) {
+            "0"
+        } else {
+            "OLD.id"
+        };
+        sql += &format!(
+            "CREATE TRIGGER {t}_tombstone AFTER DELETE ON {t}
+BEGIN
+    UPDATE change_clock SET value = value + 1;
+    INSERT INTO change_tombstone (table_name, row_id, change_mark)
+    VALUES ('{t}', {row_id}, (SELECT value FROM change_clock));
+END;
+"
+        );
+    }
+    sql
+}
 
 /// Tables whose change mark moves on an update only when the evaluation's columns change
 /// (`0006_bookkeeping_is_no_change.sql`): they have an update trigger of their own.
@@ -367,4 +444,26 @@ pub fn tables(dialect: super::Dialect) -> Vec<Table> {
         tables.extend_from_slice(SQLITE_ONLY_TABLES);
     }
     tables
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Generated SQLite change tracking: identical, byte for byte, to the migration file
+    /// that databases created before it was generated have applied (sqlx refuses to run
+    /// on a database whose applied migration's checksum differs).
+    #[test]
+    fn sqlite_change_tracking_is_the_migration_databases_applied() {
+        let migration = super::super::sqlite_migrator()
+            .iter()
+            .find(|m| m.version == 3)
+            .expect("migration 3 is among SQLite's");
+        let hex: String = migration.checksum.iter().map(|b| format!("{b:02x}")).collect();
+        // SHA-384 of migrations/sqlite/0003_change_tracking.sql as it was.
+        assert_eq!(
+            hex,
+            "a5282d71a21b7ca45ceda585c300e9f826c6707bab4989b1fcbff0122aad410665a906dbe0ed6560418b13928ada189d"
+        );
+    }
 }
