@@ -6,7 +6,8 @@ Sessions:
          building anything, where its demo runs (services from scripts/services.sh).
   wheel  the release wheel: manylinux2014 (glibc >= 2.17), abi3 (CPython >= 3.10), built
          with maturin and zig into dist/, then checked as `tests` checks it.
-  lint   rustfmt and clippy (warnings are errors), with and without the Python bindings.
+  lint   rustfmt and clippy (warnings are errors), with and without the Python bindings
+         and the benchmarks (cargo feature `bench`).
   soak   the production layout under faults for minutes, then the data-safety invariants
          (scripts/soak.py), on the local backend and on SLURM; not run by CI, whose
          default run has a short version (tests/python/test_soak.py). Arguments after
@@ -71,7 +72,8 @@ def build_wheel(session: nox.Session) -> Path:
 
 def check_wheel(session: nox.Session, wheel: Path) -> None:
     """The wheel installs into a fresh virtualenv with nothing built (no compiler needed:
-    `--only-binary :all:`), and its `ccat-wfm demo` runs there to completion."""
+    `--only-binary :all:`), its `ccat-wfm demo` runs there to completion, and it has no
+    `ccat-wfm bench`."""
     with tempfile.TemporaryDirectory(prefix="ccat-wheel-") as tmp:
         venv = Path(tmp) / "venv"
         session.run(sys.executable, "-m", "venv", str(venv), external=True)
@@ -83,13 +85,21 @@ def check_wheel(session: nox.Session, wheel: Path) -> None:
             str(venv / "bin" / "ccat-wfm"), "demo", "--dir", str(Path(tmp) / "demo"),
             "--timeout", "300", external=True, env=env,
         )
+        # The benchmarks are not in what users get.
+        bench = subprocess.run(
+            [str(venv / "bin" / "ccat-wfm"), "bench", "--help"],
+            env=env, capture_output=True, text=True,
+        )
+        if bench.returncode != 2 or "unrecognized subcommand 'bench'" not in bench.stderr:
+            session.error(f"the wheel's ccat-wfm has benchmarks: exit {bench.returncode}, {bench.stderr!r}")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     env = services_env(session)
     # Rust: unit tests, then integration tests against both databases.
-    session.run("cargo", "test", "--locked", external=True, env=env)
+    # With the benchmarks' code (feature `bench`), which one test runs on both databases.
+    session.run("cargo", "test", "--locked", "--features", "bench", external=True, env=env)
     # Python: the release wheel, built once, exactly as users get it.
     wheel = build_wheel(session)
     session.install(f"{wheel}[test]")
@@ -105,7 +115,11 @@ def wheel(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.run("cargo", "fmt", "--check", external=True)
-    session.run("cargo", "clippy", "--locked", "--all-targets", "--", "-D", "warnings", external=True)
+    for features in ([], ["--features", "bench"]):
+        session.run(
+            "cargo", "clippy", "--locked", "--all-targets", *features, "--", "-D", "warnings",
+            external=True,
+        )
     # The bindings are behind a feature; lint them too. PYO3_PYTHON points the build at
     # this session's interpreter.
     env = {"PYO3_PYTHON": os.path.join(session.bin, "python")}
@@ -147,7 +161,7 @@ def bench(session: nox.Session) -> None:
     """Celery publishing (Rust beside Python's send_task), SLURM submission and status
     calls, then the trigger-manager on PostgreSQL at 10k, 100k and 1M packages."""
     env = services_env(session)
-    session.run("cargo", "build", "--locked", "--release", external=True)
+    session.run("cargo", "build", "--locked", "--release", "--features", "bench", external=True)
     binary = str(ROOT / "target" / "release" / "ccat-wfm")
     session.install("celery[redis]>=5.5,<6")
     session.run("python", str(ROOT / "scripts" / "bench_publish.py"), env["CCAT_TEST_REDIS_URL"], binary)

@@ -598,17 +598,30 @@ pub async fn publish(
         .get_multiplexed_async_connection()
         .await
         .map_err(|source| CeleryError::Publish { count: 0, source })?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut conn)
-        .await
-        .map_err(|source| CeleryError::Publish { count: 0, source })?;
-    if !keys.is_empty() {
-        redis::cmd("DEL")
-            .arg(&keys)
-            .query_async::<()>(&mut conn)
+    // SCAN, not KEYS: the broker may be shared, and KEYS blocks it for the whole keyspace.
+    let failed = |source| CeleryError::Publish { count: 0, source };
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
             .await
-            .map_err(|source| CeleryError::Publish { count: 0, source })?;
+            .map_err(failed)?;
+        if !keys.is_empty() {
+            redis::cmd("DEL")
+                .arg(&keys)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(failed)?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
     }
     Ok(PublishFigures {
         tasks,

@@ -4,6 +4,7 @@
 //! with the `python` feature, the extension module `ccat_workflow_manager._core`.
 
 pub mod backend;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod celery;
 pub mod cli;

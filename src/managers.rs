@@ -9,11 +9,15 @@ use anyhow::Context;
 use chrono::Utc;
 use tokio::sync::watch;
 
+use crate::backend::AnyBackend;
 use crate::config::Settings;
 use crate::db::Database;
+use crate::dispatch::PublishReport;
 use crate::health::ManagerHeartbeat;
 use crate::metrics;
+use crate::results::{ResultManager, ResultOptions, ResultReport};
 use crate::trigger::{self, TriggerOptions};
+use crate::workflow::{WorkflowManager, WorkflowOptions, WorkflowReport};
 
 /// Which manager a loop runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,74 +102,160 @@ pub async fn run(
             })
             .await
         }
-        ManagerKind::Workflow => {
-            let manager = crate::workflow::WorkflowManager::new(
-                db.clone(),
-                crate::backend::from_settings(settings, launcher)?,
-                crate::workflow::WorkflowOptions::from_settings(settings),
-            )
-            .with_publisher(
-                crate::dispatch::publisher_for(settings)
-                    .context("the Redis settings for Celery dispatch")?,
-            );
+        ManagerKind::Workflow | ManagerKind::Result => {
+            let manager = JobManager::new(kind, settings, db, launcher)?;
             run_loop(settings, service, interval, stop, || async {
                 let started = Instant::now();
-                let report = manager.cycle(Utc::now()).await?;
-                tracing::info!(
-                    claimed = report.claimed,
-                    submitted = report.submitted,
-                    adopted = report.adopted,
-                    staging_requested = report.staging_requested,
-                    waiting_for_staging = report.waiting_for_staging,
-                    failed = report.failed,
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    "workflow cycle done"
-                );
-                if let Some(dispatch) = &report.dispatch {
-                    metrics::record_dispatch(service, dispatch);
+                match &manager {
+                    JobManager::Workflow(m) => {
+                        job_cycle_done(service, &m.cycle(Utc::now()).await?, started)
+                    }
+                    JobManager::Result(m) => {
+                        job_cycle_done(service, &m.cycle(Utc::now()).await?, started)
+                    }
                 }
-                Ok(CycleOutcome {
-                    items: report.handled(),
-                    error: report.errors.first().cloned(),
-                })
-            })
-            .await
-        }
-        ManagerKind::Result => {
-            let manager = crate::results::ResultManager::new(
-                db.clone(),
-                crate::backend::from_settings(settings, launcher)?,
-                crate::results::ResultOptions::from_settings(settings),
-            )
-            .with_publisher(
-                crate::dispatch::publisher_for(settings)
-                    .context("the Redis settings for Celery dispatch")?,
-            );
-            run_loop(settings, service, interval, stop, || async {
-                let started = Instant::now();
-                let report = manager.cycle(Utc::now()).await?;
-                tracing::info!(
-                    polled = report.polled,
-                    started = report.started,
-                    succeeded = report.succeeded,
-                    failed = report.failed,
-                    retried = report.retried,
-                    cancelled = report.cancelled,
-                    completed = report.completed,
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    "result cycle done"
-                );
-                if let Some(dispatch) = &report.dispatch {
-                    metrics::record_dispatch(service, dispatch);
-                }
-                Ok(CycleOutcome {
-                    items: report.handled(),
-                    error: report.errors.first().cloned(),
-                })
             })
             .await
         }
     }
+}
+
+/// The loop of a manager that drives jobs: the workflow-manager submits them, the
+/// result-manager follows them and collects their outputs.
+enum JobManager {
+    Workflow(WorkflowManager<AnyBackend>),
+    Result(ResultManager<AnyBackend>),
+}
+
+impl JobManager {
+    fn new(
+        kind: ManagerKind,
+        settings: &Settings,
+        db: &Database,
+        launcher: Option<Vec<String>>,
+    ) -> anyhow::Result<Self> {
+        let backend = crate::backend::from_settings(settings, launcher)?;
+        let publisher = crate::dispatch::publisher_for(settings)
+            .context("the Redis settings for Celery dispatch")?;
+        Ok(match kind {
+            ManagerKind::Workflow => JobManager::Workflow(
+                WorkflowManager::new(
+                    db.clone(),
+                    backend,
+                    WorkflowOptions::from_settings(settings),
+                )
+                .with_publisher(publisher),
+            ),
+            ManagerKind::Result => JobManager::Result(
+                ResultManager::new(db.clone(), backend, ResultOptions::from_settings(settings))
+                    .with_publisher(publisher),
+            ),
+            ManagerKind::Trigger => anyhow::bail!("the trigger-manager drives no jobs"),
+        })
+    }
+}
+
+/// One cycle of `kind` (`--once`): its report as pretty JSON, and its number of errors.
+pub async fn cycle_once(
+    kind: ManagerKind,
+    settings: &Settings,
+    db: &Database,
+    launcher: Option<Vec<String>>,
+) -> anyhow::Result<(String, usize)> {
+    let now = Utc::now();
+    Ok(match kind {
+        ManagerKind::Trigger => {
+            let options = TriggerOptions::from_settings(settings, false);
+            let report = trigger::run_cycle(db, &options, now).await?;
+            (serde_json::to_string_pretty(&report)?, report.errors.len())
+        }
+        ManagerKind::Workflow | ManagerKind::Result => {
+            match JobManager::new(kind, settings, db, launcher)? {
+                JobManager::Workflow(m) => {
+                    let report = m.cycle(now).await?;
+                    (serde_json::to_string_pretty(&report)?, report.errors.len())
+                }
+                JobManager::Result(m) => {
+                    let report = m.cycle(now).await?;
+                    (serde_json::to_string_pretty(&report)?, report.errors.len())
+                }
+            }
+        }
+    })
+}
+
+/// What the job managers' cycle reports give the loop.
+trait JobCycleReport {
+    /// The cycle's log event, its counts as fields.
+    fn log(&self, duration_ms: u64);
+    fn items(&self) -> u64;
+    fn first_error(&self) -> Option<String>;
+    fn dispatch(&self) -> Option<&PublishReport>;
+}
+
+impl JobCycleReport for WorkflowReport {
+    fn log(&self, duration_ms: u64) {
+        tracing::info!(
+            claimed = self.claimed,
+            submitted = self.submitted,
+            adopted = self.adopted,
+            staging_requested = self.staging_requested,
+            waiting_for_staging = self.waiting_for_staging,
+            failed = self.failed,
+            duration_ms,
+            "workflow cycle done"
+        );
+    }
+    fn items(&self) -> u64 {
+        self.handled()
+    }
+    fn first_error(&self) -> Option<String> {
+        self.errors.first().cloned()
+    }
+    fn dispatch(&self) -> Option<&PublishReport> {
+        self.dispatch.as_ref()
+    }
+}
+
+impl JobCycleReport for ResultReport {
+    fn log(&self, duration_ms: u64) {
+        tracing::info!(
+            polled = self.polled,
+            started = self.started,
+            succeeded = self.succeeded,
+            failed = self.failed,
+            retried = self.retried,
+            cancelled = self.cancelled,
+            completed = self.completed,
+            duration_ms,
+            "result cycle done"
+        );
+    }
+    fn items(&self) -> u64 {
+        self.handled()
+    }
+    fn first_error(&self) -> Option<String> {
+        self.errors.first().cloned()
+    }
+    fn dispatch(&self) -> Option<&PublishReport> {
+        self.dispatch.as_ref()
+    }
+}
+
+/// Logs a job manager's cycle and exports its dispatch figures.
+fn job_cycle_done(
+    service: &'static str,
+    report: &impl JobCycleReport,
+    started: Instant,
+) -> anyhow::Result<CycleOutcome> {
+    report.log(started.elapsed().as_millis() as u64);
+    if let Some(dispatch) = report.dispatch() {
+        metrics::record_dispatch(service, dispatch);
+    }
+    Ok(CycleOutcome {
+        items: report.items(),
+        error: report.first_error(),
+    })
 }
 
 /// The three loops in this one process (the embedded setup), stopped together.

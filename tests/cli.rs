@@ -51,9 +51,20 @@ fn every_command_has_help_and_version_works() {
         vec!["cancel", "--help"],
         vec!["lineage", "product", "--help"],
         vec!["lineage", "package", "--help"],
-        vec!["bench", "slurm", "--help"],
-        vec!["bench", "checksum", "--help"],
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        // The benchmarks are built with the cargo feature `bench` only.
+        cfg!(feature = "bench")
+            .then(|| {
+                [
+                    vec!["bench", "slurm", "--help"],
+                    vec!["bench", "checksum", "--help"],
+                ]
+            })
+            .into_iter()
+            .flatten(),
+    ) {
         let out = wfm(&args, &[]);
         assert!(out.status.success(), "{args:?}");
         assert!(

@@ -775,6 +775,7 @@ async fn held_back_gaps_are_created_in_later_cycles_without_any_change() {
     }
 }
 
+#[cfg(feature = "bench")]
 #[tokio::test]
 async fn a_synthetic_archive_is_evaluated_alike_on_both_databases() {
     use ccat_workflow_manager::db::synthetic::ArchiveShape;

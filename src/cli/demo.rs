@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use super::{EXIT_PROBLEM, views};
 use crate::config::{DatabaseSettings, DispatchMode, HpcBackend, Settings, StagingMode};
 use crate::db::Database;
-use crate::db::synthetic::{DemoArchive, DemoPackage};
+use crate::db::demo::{DemoArchive, DemoPackage};
 use crate::managers;
 use crate::trigger::{self, TriggerOptions};
 use crate::workflow::command::ContainerRuntime;
@@ -230,7 +230,7 @@ async fn run_managers(
     timeout: Duration,
 ) -> anyhow::Result<Outcome> {
     let (stop, stopped) = watch::channel(false);
-    let mut interrupted = super::stop_on_signals()?;
+    let mut interrupted = super::service::stop_on_signals()?;
     let managers = managers::run_all(settings, db, launcher, stopped);
     let watcher = async {
         let started = Instant::now();

@@ -1,26 +1,9 @@
-//! Scratch PostgreSQL databases for benchmarks and demonstrations: created fresh from an
+//! Scratch PostgreSQL databases for the benchmarks: created fresh from an
 //! administrative URL, dropped afterwards.
 
 use sqlx::Connection;
 
-use super::{DbError, redact_url};
-
-/// `url` with its database replaced by `database` (query parameters kept).
-pub fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let root = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{root}/{database}?{q}"),
-        None => format!("{root}/{database}"),
-    }
-}
+use super::{DbError, redact_url, with_database};
 
 fn checked(name: &str) -> &str {
     assert!(

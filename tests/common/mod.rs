@@ -49,7 +49,7 @@ fn unique_name(label: &str) -> String {
     )
 }
 
-pub use ccat_workflow_manager::db::scratch::with_database;
+pub use ccat_workflow_manager::db::with_database;
 
 /// A database that exists for one test and is removed afterwards.
 pub struct TestDatabase {
