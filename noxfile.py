@@ -2,12 +2,12 @@
 
 Sessions:
   tests  Rust tests on SQLite and PostgreSQL, then the wheel built (as `wheel` builds it),
-         installed and tested with pytest, then installed into a fresh virtualenv without
+         installed, its stubs checked against it (mypy's stubtest) and tested with pytest, then installed into a fresh virtualenv without
          building anything, where its demo runs (services from scripts/services.sh).
   wheel  the release wheel: manylinux2014 (glibc >= 2.17), abi3 (CPython >= 3.10), built
          with maturin and zig into dist/, then checked as `tests` checks it.
   lint   rustfmt and clippy (warnings are errors), with and without the Python bindings
-         and the benchmarks (cargo feature `bench`).
+         and the benchmarks (cargo feature `bench`); mypy --strict on the Python package.
   soak   the production layout under faults for minutes, then the data-safety invariants
          (scripts/soak.py), on the local backend and on SLURM; not run by CI, whose
          default run has a short version (tests/python/test_soak.py). Arguments after
@@ -102,7 +102,9 @@ def tests(session: nox.Session) -> None:
     session.run("cargo", "test", "--locked", "--features", "bench", external=True, env=env)
     # Python: the release wheel, built once, exactly as users get it.
     wheel = build_wheel(session)
-    session.install(f"{wheel}[test]")
+    session.install(f"{wheel}[test]", "mypy>=1.13,<2")
+    # The stubs (_core.pyi) against the module as built: every name, argument and default.
+    session.run("python", "-m", "mypy.stubtest", "ccat_workflow_manager._core")
     session.run("pytest", "-q", *session.posargs, env=env)
     check_wheel(session, wheel)
 
@@ -115,6 +117,10 @@ def wheel(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.run("cargo", "fmt", "--check", external=True)
+    # The Python package, strictly typed against its stubs (pyproject.toml [tool.mypy]);
+    # celery-types: Celery ships no type information of its own.
+    session.install("mypy>=1.13,<2", "celery-types")
+    session.run("mypy")
     for features in ([], ["--features", "bench"]):
         session.run(
             "cargo", "clippy", "--locked", "--all-targets", *features, "--", "-D", "warnings",

@@ -1,6 +1,6 @@
 """Type stubs of the Rust extension module."""
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from os import PathLike
 from typing import Any, Literal, TypedDict
 
@@ -30,7 +30,7 @@ class Settings:
     def __eq__(self, other: object) -> bool: ...
 
 def dynaconf_values(
-    settings_files: list[str | PathLike[str]] | None = None,
+    settings_files: Sequence[str | PathLike[str]] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | PathLike[str] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
@@ -76,6 +76,9 @@ class TriggerManager:
 
 def process_triggers(settings: Settings, dry_run: bool = False) -> CycleReport:
     """Runs one trigger-manager cycle from a cold start; returns its report."""
+
+def preview_gaps(settings: Settings, pipeline: str | None = None) -> CycleReport:
+    """The gaps the trigger-manager would turn into runs now, per pipeline; creates nothing."""
 
 def migrate(settings: Settings) -> list[int]:
     """Applies the product's migrations to the configured database; returns the versions applied."""
@@ -133,17 +136,30 @@ def process_running_steps(settings: Settings) -> ResultReport:
 def run_manager(name: str, settings: Settings) -> None:
     """Runs a manager's loop until a signal's Python handler raises (Ctrl-C)."""
 
-def build_job(settings: Settings, run_id: int) -> dict[str, Any]:
+class JobPlan(TypedDict):
+    """A run's job: what `build_job` returns."""
+
+    argv: list[str]
+    env: dict[str, str]
+    workdir: str
+    manifest: dict[str, Any]
+    attempt_dir: str
+    tag: str
+    cpus: int
+    memory_mb: int
+    time_limit_seconds: int
+
+def build_job(settings: Settings, run_id: int) -> JobPlan:
     """A run's job as the workflow-manager would submit it now; writes nothing."""
 
 def product_lineage(settings: Settings, product_id: int) -> dict[str, Any] | None: ...
 def derived_products(settings: Settings, package_id: int) -> list[dict[str, Any]]: ...
 
 # Awaitables (pyo3-async-runtimes): each returns at once; awaiting never blocks the loop.
-def aio_process_triggers(settings: Settings, dry_run: bool = False) -> Awaitable[dict[str, Any]]: ...
-def aio_preview_gaps(settings: Settings, pipeline: str | None = None) -> Awaitable[dict[str, Any]]: ...
-def aio_process_pending_runs(settings: Settings) -> Awaitable[dict[str, Any]]: ...
-def aio_process_running_steps(settings: Settings) -> Awaitable[dict[str, Any]]: ...
+def aio_process_triggers(settings: Settings, dry_run: bool = False) -> Awaitable[CycleReport]: ...
+def aio_preview_gaps(settings: Settings, pipeline: str | None = None) -> Awaitable[CycleReport]: ...
+def aio_process_pending_runs(settings: Settings) -> Awaitable[WorkflowReport]: ...
+def aio_process_running_steps(settings: Settings) -> Awaitable[ResultReport]: ...
 def aio_product_lineage(settings: Settings, product_id: int) -> Awaitable[dict[str, Any] | None]: ...
 def aio_derived_products(settings: Settings, package_id: int) -> Awaitable[list[dict[str, Any]]]: ...
 

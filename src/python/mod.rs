@@ -4,7 +4,7 @@
 //! exception classes; the behaviour lives in the rest of the crate. Blocking work runs
 //! with the GIL released.
 
-mod aio;
+mod calls;
 mod logging;
 mod managers;
 
@@ -179,20 +179,6 @@ fn dynaconf_values<'py>(
     Ok((to_python(py, &Value::Object(loaded.values))?, loaded.files))
 }
 
-/// Runs one trigger-manager cycle and returns its report as a dict.
-#[pyfunction]
-#[pyo3(signature = (settings, dry_run=false))]
-fn process_triggers<'py>(
-    py: Python<'py>,
-    settings: &PySettings,
-    dry_run: bool,
-) -> PyResult<Bound<'py, PyAny>> {
-    let options = crate::trigger::TriggerOptions::from_settings(&settings.inner, dry_run);
-    blocking(py, settings.inner.clone(), |db| async move {
-        crate::trigger::run_cycle(&db, &options, chrono::Utc::now()).await
-    })
-}
-
 /// The local backend's job wrapper, run by this interpreter (`sys.executable`).
 fn python_launcher(py: Python<'_>) -> PyResult<Vec<String>> {
     let executable: String = py.import("sys")?.getattr("executable")?.extract()?;
@@ -217,33 +203,6 @@ fn publisher_for(settings: &config::Settings) -> PyResult<Option<crate::dispatch
         .map_err(|e| ConfigurationError::new_err(format!("the Redis settings: {e}")))
 }
 
-/// Runs `work` against a fresh connection to the configured database with the GIL
-/// released, and returns its result as Python data: the body of every one-call entry
-/// point (`aio::awaitable` is its asyncio twin). Connections are opened per call, so the
-/// entry points are safe in forked workers.
-fn blocking<'py, F, Fut, T>(
-    py: Python<'py>,
-    settings: config::Settings,
-    work: F,
-) -> PyResult<Bound<'py, PyAny>>
-where
-    F: FnOnce(crate::db::Database) -> Fut + Send,
-    Fut: std::future::Future<Output = Result<T, crate::db::DbError>> + Send,
-    T: serde::Serialize + Send,
-{
-    // Inside Python, Rust's log events go to Python's logging.
-    logging::install();
-    let result = py.detach(|| {
-        runtime().block_on(async move {
-            let db = crate::db::Database::connect(&settings.database).await?;
-            let result = work(db.clone()).await;
-            db.close().await;
-            result
-        })
-    });
-    report_to_python(py, &result.map_err(database_error)?)
-}
-
 /// A report as Python data (dicts, lists, …).
 fn report_to_python<'py>(
     py: Python<'py>,
@@ -252,43 +211,6 @@ fn report_to_python<'py>(
     let value =
         serde_json::to_value(report).map_err(|e| WorkflowManagerError::new_err(e.to_string()))?;
     to_python(py, &value)
-}
-
-/// Runs one workflow-manager cycle (claim, stage, submit) and returns its report.
-#[pyfunction]
-fn process_pending_runs<'py>(
-    py: Python<'py>,
-    settings: &PySettings,
-) -> PyResult<Bound<'py, PyAny>> {
-    let backend = backend_for(py, &settings.inner)?;
-    let publisher = publisher_for(&settings.inner)?;
-    let options = crate::workflow::WorkflowOptions::from_settings(&settings.inner);
-    blocking(py, settings.inner.clone(), |db| async move {
-        // One lease owner for every call of this process: runs waiting for staging
-        // are picked up again by the next call, not after their lease expires.
-        crate::workflow::WorkflowManager::for_process(db, backend, options)
-            .with_publisher(publisher)
-            .cycle(chrono::Utc::now())
-            .await
-    })
-}
-
-/// Runs one result-manager cycle (job status, failures and retries, cancellations,
-/// collection) and returns its report.
-#[pyfunction]
-fn process_running_steps<'py>(
-    py: Python<'py>,
-    settings: &PySettings,
-) -> PyResult<Bound<'py, PyAny>> {
-    let backend = backend_for(py, &settings.inner)?;
-    let publisher = publisher_for(&settings.inner)?;
-    let options = crate::results::ResultOptions::from_settings(&settings.inner);
-    blocking(py, settings.inner.clone(), |db| async move {
-        crate::results::ResultManager::new(db, backend, options)
-            .with_publisher(publisher)
-            .cycle(chrono::Utc::now())
-            .await
-    })
 }
 
 /// A run's job as the workflow-manager would submit it now: `argv`, `env`, `workdir`,
@@ -330,38 +252,6 @@ fn build_job<'py>(
         "time_limit_seconds": plan.spec.time_limit_seconds,
     });
     to_python(py, &value)
-}
-
-/// A Celery worker's part of a submission hand-off: takes the run and submits it.
-#[pyfunction]
-fn submit_run<'py>(
-    py: Python<'py>,
-    settings: &PySettings,
-    run_id: i64,
-) -> PyResult<Bound<'py, PyAny>> {
-    let backend = backend_for(py, &settings.inner)?;
-    let options = crate::workflow::WorkflowOptions::from_settings(&settings.inner);
-    blocking(py, settings.inner.clone(), move |db| async move {
-        crate::workflow::WorkflowManager::for_process(db, backend, options)
-            .submit_handed_off(run_id, chrono::Utc::now())
-            .await
-    })
-}
-
-/// A Celery worker's part of a collection hand-off: registers the run's outputs.
-#[pyfunction]
-fn collect_run<'py>(
-    py: Python<'py>,
-    settings: &PySettings,
-    run_id: i64,
-) -> PyResult<Bound<'py, PyAny>> {
-    let backend = backend_for(py, &settings.inner)?;
-    let options = crate::results::ResultOptions::from_settings(&settings.inner);
-    blocking(py, settings.inner.clone(), move |db| async move {
-        crate::results::ResultManager::new(db, backend, options)
-            .collect_handed_off(run_id)
-            .await
-    })
 }
 
 /// A service's Redis heartbeat (`health:workflow:<service>`, TTL 90 s, refreshed every
@@ -492,19 +382,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySettings>()?;
     m.add_function(wrap_pyfunction!(dynaconf_values, m)?)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
-    m.add_function(wrap_pyfunction!(process_triggers, m)?)?;
-    m.add_function(wrap_pyfunction!(process_pending_runs, m)?)?;
-    m.add_function(wrap_pyfunction!(process_running_steps, m)?)?;
     m.add_function(wrap_pyfunction!(run_manager, m)?)?;
     m.add_function(wrap_pyfunction!(build_job, m)?)?;
-    m.add_function(wrap_pyfunction!(submit_run, m)?)?;
     m.add_function(wrap_pyfunction!(start_heartbeat, m)?)?;
     m.add_class::<PyHeartbeat>()?;
     m.add_class::<managers::PyTriggerManager>()?;
     m.add_class::<managers::PyWorkflowManager>()?;
     m.add_class::<managers::PyResultManager>()?;
-    m.add_function(wrap_pyfunction!(collect_run, m)?)?;
-    aio::register(m)?;
+    calls::register(m)?;
     m.add_function(wrap_pyfunction!(migrate, m)?)?;
     Ok(())
 }

@@ -8,12 +8,16 @@ the manifest (``docs/manifest.md``). Nothing is written and nothing is submitted
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynaconf import Dynaconf
 
 from ccat_workflow_manager import _core
 from ccat_workflow_manager.config import to_rust
+
+if TYPE_CHECKING:
+    # A typed dict of the stubs only; at run time a plain dict.
+    from ccat_workflow_manager._core import JobPlan
 
 
 class CommandBuilder:
@@ -22,7 +26,7 @@ class CommandBuilder:
     def __init__(self, settings: Dynaconf | None = None) -> None:
         self._settings = to_rust(settings)
 
-    def build(self, run_id: int) -> dict[str, Any]:
+    def build(self, run_id: int) -> JobPlan:
         """Everything about the job: ``argv``, ``env``, ``workdir``, ``manifest``,
         ``attempt_dir``, ``tag``, ``cpus``, ``memory_mb``, ``time_limit_seconds``.
 

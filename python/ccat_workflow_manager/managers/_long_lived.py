@@ -4,10 +4,20 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable
+from typing import Any, Generic, Protocol, TypeVar
 
 Report = TypeVar("Report")
+ReportOut = TypeVar("ReportOut", covariant=True)
 Manager = TypeVar("Manager", bound="LongLived[Any]")
+
+
+class _Core(Protocol[ReportOut]):
+    """The Rust manager object a class wraps (`_core.TriggerManager`, ...)."""
+
+    def cycle(self) -> ReportOut: ...
+    def acycle(self) -> Awaitable[ReportOut]: ...
+    def close(self) -> None: ...
 
 
 class LongLived(Generic[Report]):
@@ -19,7 +29,7 @@ class LongLived(Generic[Report]):
     master importing its tasks) opens it in the process that uses it.
     """
 
-    _core: Any
+    _core: _Core[Report]
 
     def cycle(self) -> Report:
         """One cycle, blocking (other Python threads run meanwhile); its report."""

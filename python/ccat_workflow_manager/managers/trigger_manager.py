@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dynaconf import Dynaconf
 
@@ -30,7 +30,7 @@ class TriggerManager(LongLived["CycleReport"]):
         self._core = _core.TriggerManager(to_rust(settings), dry_run=dry_run)
 
 
-def process_triggers(settings: Dynaconf | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+def process_triggers(settings: Dynaconf | None = None, *, dry_run: bool = False) -> CycleReport:
     """Evaluate every enabled pipeline once and create the runs for its gaps.
 
     Returns the cycle's report: per pipeline the gaps found (with the run created for
