@@ -188,9 +188,8 @@ pub async fn cycle_once(
 trait JobCycleReport {
     /// The cycle's log event, its counts as fields.
     fn log(&self, duration_ms: u64);
-    fn items(&self) -> u64;
-    fn first_error(&self) -> Option<String>;
-    fn dispatch(&self) -> Option<&PublishReport>;
+    /// Items handled, the first error, and what was published to Celery.
+    fn outcome(&self) -> (u64, Option<&String>, Option<&PublishReport>);
 }
 
 impl JobCycleReport for WorkflowReport {
@@ -206,14 +205,8 @@ impl JobCycleReport for WorkflowReport {
             "workflow cycle done"
         );
     }
-    fn items(&self) -> u64 {
-        self.handled()
-    }
-    fn first_error(&self) -> Option<String> {
-        self.errors.first().cloned()
-    }
-    fn dispatch(&self) -> Option<&PublishReport> {
-        self.dispatch.as_ref()
+    fn outcome(&self) -> (u64, Option<&String>, Option<&PublishReport>) {
+        (self.handled(), self.errors.first(), self.dispatch.as_ref())
     }
 }
 
@@ -231,14 +224,8 @@ impl JobCycleReport for ResultReport {
             "result cycle done"
         );
     }
-    fn items(&self) -> u64 {
-        self.handled()
-    }
-    fn first_error(&self) -> Option<String> {
-        self.errors.first().cloned()
-    }
-    fn dispatch(&self) -> Option<&PublishReport> {
-        self.dispatch.as_ref()
+    fn outcome(&self) -> (u64, Option<&String>, Option<&PublishReport>) {
+        (self.handled(), self.errors.first(), self.dispatch.as_ref())
     }
 }
 
@@ -249,12 +236,13 @@ fn job_cycle_done(
     started: Instant,
 ) -> anyhow::Result<CycleOutcome> {
     report.log(started.elapsed().as_millis() as u64);
-    if let Some(dispatch) = report.dispatch() {
-        metrics::record_dispatch(service, dispatch);
+    let (items, error, dispatch) = report.outcome();
+    if let Some(dispatch) = dispatch {
+        metrics::record_dispatch(service, dispatch.backlog, dispatch.published);
     }
     Ok(CycleOutcome {
-        items: report.items(),
-        error: report.first_error(),
+        items,
+        error: error.cloned(),
     })
 }
 

@@ -77,9 +77,9 @@ pub fn record_backend_call(backend: &'static str, operation: &'static str, faile
 }
 
 /// Records what a publishing pass left behind and published.
-pub fn record_dispatch(manager: &'static str, report: &crate::dispatch::PublishReport) {
-    metrics::gauge!(DISPATCH_BACKLOG, "manager" => manager).set(report.backlog as f64);
-    metrics::counter!(DISPATCH_PUBLISHED, "manager" => manager).increment(report.published as u64);
+pub fn record_dispatch(manager: &'static str, backlog: i64, published: usize) {
+    metrics::gauge!(DISPATCH_BACKLOG, "manager" => manager).set(backlog as f64);
+    metrics::counter!(DISPATCH_PUBLISHED, "manager" => manager).increment(published as u64);
 }
 
 /// The process-wide recorder, installed on first use.

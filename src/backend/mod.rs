@@ -15,8 +15,6 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::workflow::command::JobCommand;
-
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("{what}: {source}")]
@@ -59,6 +57,41 @@ impl BackendError {
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
         let what = what.into();
         move |source| BackendError::Io { what, source }
+    }
+}
+
+/// A program, its arguments and the environment it adds; nothing here is parsed by a shell.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobCommand {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub workdir: PathBuf,
+    /// With the `pod` runtime: the image and what the pod mounts where.
+    pub container: Option<PodContainer>,
+}
+
+/// The image a pod runs and the host paths it sees inside.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PodContainer {
+    pub image: String,
+    pub mounts: Vec<Mount>,
+}
+
+/// A host path seen inside the container.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Mount {
+    pub host: PathBuf,
+    pub inside: String,
+    pub read_only: bool,
+}
+
+impl JobCommand {
+    /// `program` followed by `args`.
+    pub fn argv(&self) -> Vec<String> {
+        std::iter::once(self.program.clone())
+            .chain(self.args.iter().cloned())
+            .collect()
     }
 }
 

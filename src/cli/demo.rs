@@ -159,7 +159,7 @@ fn write_archive(dir: &Path) -> anyhow::Result<DemoArchive> {
                     module_id: m as i64 + 1,
                     full_path: path.display().to_string(),
                     size_bytes: text.len() as i64,
-                    checksum: crate::results::collect::hex(&sha2::Sha256::digest(text)),
+                    checksum: hex::encode(sha2::Sha256::digest(text)),
                 });
             }
         }
@@ -408,10 +408,7 @@ mod tests {
     #[tokio::test]
     async fn runs_created_after_the_counts_were_read_are_not_done() {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = crate::config::LoadContext {
-            env_vars: Default::default(),
-            cwd: dir.path().into(),
-        };
+        let ctx = crate::config::LoadContext::new(Vec::<(String, String)>::new(), dir.path());
         let base = Settings::load_with(&ctx, Some(&[])).unwrap();
         let settings = demo_settings(dir.path(), base);
         let software_dir = dir.path().join("software");

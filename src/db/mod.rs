@@ -492,6 +492,21 @@ fn check_sqlite_file(path: &std::path::Path) -> Result<(), DbError> {
     })
 }
 
+/// Statuses in which a run counts against its pipeline's `max_active_runs`.
+const ACTIVE: &str = "('STAGING_DATA', 'SUBMITTED', 'RUNNING', 'COLLECTING_RESULTS')";
+
+/// Query text with `{ids}` replaced by the dialect's expansion of the JSON list of ids
+/// bound at `$1`. Only this constant fragment is spliced in, never a value.
+pub(crate) fn with_ids(dialect: Dialect, text: &str) -> sqlx::AssertSqlSafe<String> {
+    let ids = match dialect {
+        Dialect::Postgres => {
+            "(SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text($1::jsonb))"
+        }
+        Dialect::Sqlite => "(SELECT value FROM json_each($1))",
+    };
+    sqlx::AssertSqlSafe(text.replace("{ids}", ids).replace("{active}", ACTIVE))
+}
+
 /// `url` with its database replaced by `database` (query parameters kept).
 pub fn with_database(url: &str, database: &str) -> String {
     let (base, query) = match url.split_once('?') {

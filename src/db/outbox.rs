@@ -109,12 +109,12 @@ impl Database {
         }
         let ids = serde_json::to_string(ids).expect("ids serialise");
         // By id, never by range: a transaction may commit a lower id after a batch was read.
-        let published = super::runs::with_ids(
+        let published = super::with_ids(
             self.dialect(),
             "UPDATE celery_outbox SET published_at = $2, attempts = attempts + 1, \
              last_error = NULL WHERE id IN {ids} AND published_at IS NULL",
         );
-        let failed = super::runs::with_ids(
+        let failed = super::with_ids(
             self.dialect(),
             "UPDATE celery_outbox SET attempts = attempts + 1, last_error = $2 \
              WHERE id IN {ids} AND published_at IS NULL",

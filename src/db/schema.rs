@@ -448,8 +448,6 @@ pub fn tables(dialect: super::Dialect) -> Vec<Table> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     /// Generated SQLite change tracking: identical, byte for byte, to the migration file
     /// that databases created before it was generated have applied (sqlx refuses to run
     /// on a database whose applied migration's checksum differs).
@@ -459,7 +457,11 @@ mod tests {
             .iter()
             .find(|m| m.version == 3)
             .expect("migration 3 is among SQLite's");
-        let hex: String = migration.checksum.iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = migration
+            .checksum
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         // SHA-384 of migrations/sqlite/0003_change_tracking.sql as it was.
         assert_eq!(
             hex,

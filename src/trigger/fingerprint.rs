@@ -77,7 +77,7 @@ impl Fingerprinter {
             hasher.update(item.as_bytes());
         }
         hasher.update(&self.suffix);
-        crate::results::collect::hex(&hasher.finalize())
+        hex::encode(hasher.finalize())
     }
 }
 

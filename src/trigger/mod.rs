@@ -15,14 +15,12 @@
 //! the [`selection`]s up to date, [`pass`] evaluates one pipeline and [`step`] one of its
 //! steps. One pipeline's error is reported and the others are still evaluated.
 
-pub mod cron;
 mod evaluator;
 pub mod fingerprint;
 mod pass;
 pub mod plan;
 mod selection;
 mod step;
-pub mod version;
 pub mod view;
 
 use chrono::{DateTime, Utc};

@@ -8,9 +8,9 @@ use std::hash::{Hash, Hasher};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::cron;
-use super::version::{self, Candidate, VersionPolicy};
 use crate::db::pipelines::{PipelineRow, SoftwareVersionRow, StepRow, TriggerRequestRow};
+use crate::definitions::cron;
+use crate::definitions::version::{self, Candidate, VersionPolicy};
 use crate::filter::{self, Dimension, Rule};
 
 /// Everything the trigger-manager reads of the enabled pipelines, read in a few queries.

@@ -5,46 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 use super::layout::{RunLayout, container};
 
 pub use crate::config::ContainerRuntime;
 
-/// A program, its arguments and the environment it adds; nothing here is parsed by a shell.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct JobCommand {
-    pub program: String,
-    pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub workdir: PathBuf,
-    /// With the `pod` runtime: the image and what the pod mounts where.
-    pub container: Option<PodContainer>,
-}
-
-/// The image a pod runs and the host paths it sees inside.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PodContainer {
-    pub image: String,
-    pub mounts: Vec<Mount>,
-}
-
-/// A host path seen inside the container.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Mount {
-    pub host: PathBuf,
-    pub inside: String,
-    pub read_only: bool,
-}
-
-impl JobCommand {
-    /// `program` followed by `args`.
-    pub fn argv(&self) -> Vec<String> {
-        std::iter::once(self.program.clone())
-            .chain(self.args.iter().cloned())
-            .collect()
-    }
-}
+pub use crate::backend::{JobCommand, Mount, PodContainer};
 
 /// One input bound into the job: a file on the host and its name under `input/`.
 #[derive(Debug, Clone, PartialEq)]

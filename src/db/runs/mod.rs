@@ -7,8 +7,6 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::types::Json;
 
-use super::Dialect;
-
 mod lease;
 mod operator;
 mod products;
@@ -22,20 +20,7 @@ pub use views::{RunDetail, RunSummary, StatusCount, StepCount};
 /// Lease holder of a run handed to a Celery worker for submission, before its task id.
 pub const DISPATCHED: &str = "celery:";
 
-/// Statuses in which a run counts against its pipeline's `max_active_runs`.
-const ACTIVE: &str = "('STAGING_DATA', 'SUBMITTED', 'RUNNING', 'COLLECTING_RESULTS')";
-
-/// Query text with `{ids}` replaced by the dialect's expansion of the JSON list of ids
-/// bound at `$1`. Only this constant fragment is spliced in, never a value.
-pub(crate) fn with_ids(dialect: Dialect, text: &str) -> sqlx::AssertSqlSafe<String> {
-    let ids = match dialect {
-        Dialect::Postgres => {
-            "(SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text($1::jsonb))"
-        }
-        Dialect::Sqlite => "(SELECT value FROM json_each($1))",
-    };
-    sqlx::AssertSqlSafe(text.replace("{ids}", ids).replace("{active}", ACTIVE))
-}
+pub(crate) use super::with_ids;
 
 /// Text from a job (its log, a reason quoting it) as PostgreSQL's TEXT takes it: NUL
 /// bytes, which it refuses, become U+FFFD rather than costing the whole update.
