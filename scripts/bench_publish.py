@@ -39,9 +39,9 @@ def python_send_task(url: str, tasks: int) -> float:
         )
     seconds = time.perf_counter() - started
     r = redis.Redis.from_url(url)
-    keys = r.keys(f"{prefix}*")
-    if keys:
-        r.delete(*keys)
+    # SCAN, not KEYS: the broker may be shared, and KEYS blocks it for the whole keyspace.
+    for key in r.scan_iter(match=f"{prefix}*", count=1000):
+        r.delete(key)
     return tasks / seconds
 
 

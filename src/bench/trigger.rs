@@ -232,7 +232,7 @@ pub fn render_trigger(f: &TriggerFigures) -> String {
         verdict(f.no_change_cycle_ms <= f.full_cycle_ms / 500.0 && f.no_change_cycle_ms < 20.0)
     );
     out += &format!(
-        "      the slowest of the {NO_CHANGE_CYCLES}             {:>10.2} ms   (not a goal; see README)\n",
+        "      the slowest of the {NO_CHANGE_CYCLES}          {:>10.2} ms   (not a goal; see README)\n",
         f.no_change_slowest_ms
     );
     out += &format!(
